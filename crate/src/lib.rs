@@ -1,0 +1,26 @@
+//! # d2l: Dive into Deep Learning, fine-tuning chapter, in Rust
+//!
+//! The Rust twin of `from d2l import torch as d2l`, for §14.2 "Fine-Tuning" (hotdog
+//! recognition), built on [`tch`] (libtorch). It is re-exported as `d2l::tch`, so a notebook
+//! needs one `:dep` line:
+//!
+//! ```text
+//! :dep d2l = { path = "../crate" }
+//! ```
+//!
+//! Devices work as in the book: [`try_gpu`] and [`try_all_gpus`] fall back to the CPU, and a
+//! device list prints like PyTorch's:
+//!
+//! ```no_run
+//! let devices = d2l::try_all_gpus();
+//! println!("{devices}"); // [device(type='cpu')] or [device(type='cuda', index=0)]
+//! ```
+
+mod device;
+mod display;
+mod error;
+
+pub use device::{device_repr, num_gpus, try_all_gpus, try_gpu, versions, Devices, Versions};
+pub use display::{evcxr_content, gradient_image, Png};
+pub use error::{Error, Result};
+pub use tch;

@@ -1,0 +1,98 @@
+#!/usr/bin/env python3
+"""Execute notebooks headless with the project's Rust kernel and render them to HTML.
+
+For each notebook it writes the executed `.ipynb` and a self-contained `.html` (images embedded)
+under target/notebooks/, also when it fails, so the failure can be read there. A notebook fails on
+a compile error, an error output, a panic, or a missing expected output: its metadata can list
+MIME types that must appear (`"d2l": {"expect_outputs": ["image/png"]}`). Ends with
+`notebooks: N passed, N failed` and exits non-zero if any failed.
+
+Run it with the project venv's python (scripts/run and scripts/test do).
+"""
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
+from nbconvert import HTMLExporter
+
+ROOT = Path(__file__).resolve().parent.parent
+KERNEL = "rust-d2l"
+PANIC = "panicked at"
+
+
+def problems(nb):
+    """What is wrong with an executed notebook that nbclient itself lets pass."""
+    found, mimes = [], set()
+    for index, cell in enumerate(nb.cells):
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "error":
+                found.append(f"cell {index}: {out.get('ename', 'error')}: {out.get('evalue', '')}".strip())
+            if out.get("output_type") == "stream" and PANIC in out.get("text", ""):
+                line = next(l for l in out["text"].splitlines() if PANIC in l)
+                found.append(f"cell {index}: panic: {line.strip()}")
+            mimes.update(out.get("data", {}).keys())
+    for mime in nb.metadata.get("d2l", {}).get("expect_outputs", []):
+        if mime not in mimes:
+            found.append(f"no {mime} output (the notebook's metadata expects one)")
+    return found
+
+
+def execute(path, out_dir, timeout):
+    nb = nbformat.read(path, as_version=4)
+    nb.metadata["kernelspec"] = {"name": KERNEL, "display_name": KERNEL, "language": "rust"}
+    # A persistent build dir per notebook: the second run reuses the compiled dependencies.
+    os.environ["EVCXR_TMPDIR"] = str(ROOT / "target" / "evcxr" / path.stem)
+    client = NotebookClient(nb, timeout=timeout, kernel_name=KERNEL,
+                            resources={"metadata": {"path": str(path.parent)}})
+    errors = []
+    try:
+        client.execute()
+    except CellExecutionError as e:
+        errors.append(str(e).strip().splitlines()[-1] if str(e).strip() else "cell error")
+    except (CellTimeoutError, DeadKernelError, RuntimeError) as e:
+        errors.append(f"{type(e).__name__}: {e}")
+    errors += [p for p in problems(nb) if p not in errors]
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ipynb, html = out_dir / path.name, out_dir / f"{path.stem}.html"
+    nbformat.write(nb, ipynb)
+    body, _ = HTMLExporter().from_notebook_node(nb)
+    html.write_text(body, encoding="utf-8")
+    return errors, ipynb, html
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("notebooks", nargs="+", type=Path)
+    ap.add_argument("--out", type=Path, default=ROOT / "target" / "notebooks")
+    ap.add_argument("--timeout", type=int, default=1800, help="seconds a cell may run (default 1800)")
+    args = ap.parse_args()
+
+    passed = failed = 0
+    for path in args.notebooks:
+        path = path.resolve()
+        start = time.monotonic()
+        print(f"notebook {path.relative_to(ROOT)}: running", flush=True)
+        errors, ipynb, html = execute(path, args.out, args.timeout)
+        took = time.monotonic() - start
+        if errors:
+            failed += 1
+            print(f"notebook {path.name}: FAILED in {took:.1f} s", flush=True)
+            for e in errors:
+                print(f"  {e}", flush=True)
+        else:
+            passed += 1
+            print(f"notebook {path.name}: passed in {took:.1f} s", flush=True)
+        print(f"  executed: {ipynb}\n  html:     {html}", flush=True)
+    print(f"notebooks: {passed} passed, {failed} failed", flush=True)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+//! Root package: hosts the top-level integration tests in `tests/`.
