@@ -11,6 +11,7 @@ Run it with the project venv's python (scripts/run and scripts/test do).
 """
 
 import argparse
+import fcntl
 import os
 import sys
 import time
@@ -23,6 +24,7 @@ from nbconvert import HTMLExporter
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNEL = "rust-d2l"
+BUILD_HOME = Path(os.environ.get("D2L_HOME", Path.home() / ".cache" / "d2l-rs")) / "evcxr-build"
 PANIC = "panicked at"
 
 
@@ -46,18 +48,24 @@ def problems(nb):
 def execute(path, out_dir, timeout):
     nb = nbformat.read(path, as_version=4)
     nb.metadata["kernelspec"] = {"name": KERNEL, "display_name": KERNEL, "language": "rust"}
-    # A persistent build dir per notebook: the second run reuses the compiled dependencies.
-    os.environ["EVCXR_TMPDIR"] = str(ROOT / "target" / "evcxr" / path.stem)
+    # A persistent build dir per notebook name, outside the checkout (a Cargo.toml inside it would
+    # join this workspace) and shared by checkouts: the next run reuses the compiled dependencies.
+    # The lock keeps two runs from writing the same build dir at once.
+    build_dir = BUILD_HOME / path.stem
+    build_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["EVCXR_TMPDIR"] = str(build_dir)
     client = NotebookClient(nb, timeout=timeout, kernel_name=KERNEL,
                             resources={"metadata": {"path": str(path.parent)}})
     errors = []
-    try:
-        client.execute()
-    except CellExecutionError as e:
-        errors.append(str(e).strip().splitlines()[-1] if str(e).strip() else "cell error")
-    except (CellTimeoutError, DeadKernelError, RuntimeError) as e:
-        errors.append(f"{type(e).__name__}: {e}")
-    errors += [p for p in problems(nb) if p not in errors]
+    with open(BUILD_HOME / f"{path.stem}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            client.execute()
+        except CellExecutionError:
+            errors.append(None)  # its error output is in the notebook: problems() names the cell
+        except (CellTimeoutError, DeadKernelError, RuntimeError) as e:
+            errors.append(f"{type(e).__name__}: {e}")
+    errors = [e for e in errors if e] + problems(nb) or (["a cell failed"] if errors else [])
 
     out_dir.mkdir(parents=True, exist_ok=True)
     ipynb, html = out_dir / path.name, out_dir / f"{path.stem}.html"
@@ -72,25 +80,27 @@ def main():
     ap.add_argument("notebooks", nargs="+", type=Path)
     ap.add_argument("--out", type=Path, default=ROOT / "target" / "notebooks")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds a cell may run (default 1800)")
+    ap.add_argument("--expect-fail", action="store_true",
+                    help="check the runner itself: a notebook passes only if its run fails")
     args = ap.parse_args()
 
     passed = failed = 0
     for path in args.notebooks:
         path = path.resolve()
         start = time.monotonic()
-        print(f"notebook {path.relative_to(ROOT)}: running", flush=True)
+        print(f"notebook {path.name}: running", flush=True)
         errors, ipynb, html = execute(path, args.out, args.timeout)
         took = time.monotonic() - start
-        if errors:
-            failed += 1
-            print(f"notebook {path.name}: FAILED in {took:.1f} s", flush=True)
-            for e in errors:
-                print(f"  {e}", flush=True)
-        else:
-            passed += 1
-            print(f"notebook {path.name}: passed in {took:.1f} s", flush=True)
+        ok = bool(errors) if args.expect_fail else not errors
+        passed, failed = passed + ok, failed + (not ok)
+        verdict = {(False, True): "passed", (False, False): "FAILED",
+                   (True, True): "failed as expected", (True, False): "PASSED but must fail"}
+        print(f"notebook {path.name}: {verdict[args.expect_fail, ok]} in {took:.1f} s", flush=True)
+        for e in errors:
+            print(f"  {e}", flush=True)
         print(f"  executed: {ipynb}\n  html:     {html}", flush=True)
-    print(f"notebooks: {passed} passed, {failed} failed", flush=True)
+    label = "must-fail notebooks" if args.expect_fail else "notebooks"
+    print(f"{label}: {passed} passed, {failed} failed", flush=True)
     sys.exit(1 if failed else 0)
 
 

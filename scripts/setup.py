@@ -246,6 +246,11 @@ def write_if_changed(path, text):
 def install_kernelspec(venv, spec, tdir, evcxr, variant):
     """The kernel `rust-d2l`, in the venv's own Jupyter data dir."""
     cargo_bin = Path(shutil.which("cargo") or Path.home() / ".cargo" / "bin" / "cargo").parent
+    # evcxr links cells against Rust's libstd-*.so and finds it through an $ORIGIN-relative rpath
+    # that is wrong for the copy it loads when its build dir shares a prefix with the toolchain
+    # (~/.cache vs ~/.rustup): "dlopen failed". The toolchain's lib dir on the search path fixes it.
+    rust_lib = subprocess.run(["rustc", "--print", "target-libdir"], capture_output=True, text=True,
+                              check=True).stdout.strip()
     kernel = {
         "argv": [str(evcxr), "--control_file", "{connection_file}"],
         "display_name": f"Rust (d2l, libtorch {pinned(spec['pip'], 'torch')})",
@@ -253,7 +258,7 @@ def install_kernelspec(venv, spec, tdir, evcxr, variant):
         "interrupt_mode": "message",
         "env": {
             # evcxr dlopens each cell's library: no rpath applies there.
-            "LD_LIBRARY_PATH": f"{tdir / 'lib'}:${{LD_LIBRARY_PATH}}",
+            "LD_LIBRARY_PATH": f"{tdir / 'lib'}:{rust_lib}:${{LD_LIBRARY_PATH}}",
             # The kernel builds `d2l` (and torch-sys) with cargo: it must find both.
             "LIBTORCH": str(tdir),
             "D2L_TORCH_VARIANT": variant,
