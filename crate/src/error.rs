@@ -16,6 +16,22 @@ pub enum Error {
     /// An image could not be encoded or decoded.
     #[error("image: {0}")]
     Image(#[from] image::ImageError),
+    /// A download failed (HTTP error, refused or cut connection).
+    #[error("downloading {url}: {msg}")]
+    Download { url: String, msg: String },
+    /// A downloaded file is not the file it should be; nothing was kept.
+    #[error("{url}: expected {expected}, got {actual}; nothing was kept (check the URL or mirror, then retry)")]
+    Checksum {
+        url: String,
+        expected: String,
+        actual: String,
+    },
+    /// An archive is truncated or corrupt.
+    #[error("{}: {msg}", path.display())]
+    Archive { path: PathBuf, msg: String },
+    /// An archive entry would be written outside the target folder (`../`, an absolute path, a link).
+    #[error("{}: refusing entry {entry:?}: it would be written outside the target folder", archive.display())]
+    UnsafeEntry { archive: PathBuf, entry: String },
     /// A value is outside what the function accepts; the message says what to pass instead.
     #[error("{0}")]
     Invalid(String),

@@ -16,10 +16,12 @@
 //! println!("{devices}"); // [device(type='cpu')] or [device(type='cuda', index=0)]
 //! ```
 
+pub mod data;
 mod device;
 mod display;
 mod error;
 
+pub use data::{download, download_extract, DATA_HUB, DATA_URL};
 pub use device::{device_repr, num_gpus, try_all_gpus, try_gpu, versions, Devices, Versions};
 pub use display::{evcxr_content, gradient_image, Png};
 pub use error::{Error, Result};
