@@ -1,7 +1,14 @@
-//! Getting and reading data: the data hub and downloads, image folders, transforms, the loader.
+//! Getting and reading data: the data hub and downloads, image folders, transforms, the loader,
+//! and the offline data sets.
 mod download;
+mod image_folder;
+mod loader;
+pub mod synthetic;
+pub mod transforms;
 
 pub use download::{
     data_dir, download, download_extract, extract, fetch, mirrored, Checksum, DataHub, DATA_HUB,
     DATA_URL,
 };
+pub use image_folder::{decode_rgb, is_image_file, load_rgb, ImageFolder, IMG_EXTENSIONS};
+pub use loader::{Batch, Batches, DataLoader};
