@@ -155,7 +155,7 @@ impl DataLoader {
     }
 }
 
-impl<'a> IntoIterator for &'a DataLoader {
+impl IntoIterator for &DataLoader {
     type Item = Result<Batch>;
     type IntoIter = Batches;
     fn into_iter(self) -> Batches {
