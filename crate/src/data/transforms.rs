@@ -204,12 +204,19 @@ pub fn resized_crop(
             img.width()
         )));
     }
-    let src = ImageRef::new(img.width(), img.height(), img.as_raw(), PixelType::U8x3)
+    // Crop first, as PIL does: pixels outside the crop must not reach the resampling kernel at
+    // its edges.
+    let cropped;
+    let region = if (top, left, height, width) == (0, 0, img.height(), img.width()) {
+        img
+    } else {
+        cropped = image::imageops::crop_imm(img, left, top, width, height).to_image();
+        &cropped
+    };
+    let src = ImageRef::new(width, height, region.as_raw(), PixelType::U8x3)
         .map_err(|e| Error::Invalid(format!("resized_crop: {e}")))?;
     let mut dst = Image::new(size.1, size.0, PixelType::U8x3);
-    let options = ResizeOptions::new()
-        .resize_alg(ResizeAlg::Convolution(FilterType::Bilinear))
-        .crop(left as f64, top as f64, width as f64, height as f64);
+    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
     Resizer::new()
         .resize(&src, &mut dst, &options)
         .map_err(|e| Error::Invalid(format!("resized_crop: {e}")))?;
