@@ -8,10 +8,10 @@ use std::thread::JoinHandle;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use super::image_folder::{load_rgb, ImageFolder};
-use super::transforms::{Compose, Sample, Transform};
+use super::transforms::{Compose, ImageTensor, Sample, Transform};
 use crate::error::{Error, Result};
 
 /// One batch: images `[n, 3, h, w]` (f32) and labels `[n]` (i64).
@@ -180,9 +180,8 @@ impl Plan {
         let start = b * self.batch_size;
         let positions = start..(start + self.batch_size).min(self.order.len());
         let n = positions.len();
-        let mut images: Vec<f32> = Vec::new();
+        let mut images = Vec::with_capacity(n);
         let mut labels = Vec::with_capacity(n);
-        let mut shape = None;
         for k in positions {
             let (path, label) = &self.dataset.samples()[self.order[k]];
             let mut rng = ChaCha8Rng::seed_from_u64(mix(self.seed, self.epoch, k as u64));
@@ -195,28 +194,23 @@ impl Plan {
                         .into(),
                 ));
             };
-            match shape {
-                None => {
-                    shape = Some((t.height, t.width));
-                    images.reserve(n * t.data.len());
-                }
-                Some(s) if s != (t.height, t.width) => {
-                    return Err(Error::Dataset {
-                        path: path.clone(),
-                        msg: format!(
-                            "transformed to {}x{}, but the batch's first image is {}x{}: \
-                             end the transform with a fixed-size crop or resize",
-                            t.height, t.width, s.0, s.1
-                        ),
-                    })
-                }
-                Some(_) => {}
+            if let Some(first) = images
+                .first()
+                .filter(|f: &&ImageTensor| (f.height, f.width) != (t.height, t.width))
+            {
+                return Err(Error::Dataset {
+                    path: path.clone(),
+                    msg: format!(
+                        "transformed to {}x{}, but the batch's first image is {}x{}: \
+                         end the transform with a fixed-size crop or resize",
+                        t.height, t.width, first.height, first.width
+                    ),
+                });
             }
-            images.extend_from_slice(&t.data);
+            images.push(t);
             labels.push(*label);
         }
-        let (h, w) = shape.unwrap_or((0, 0));
-        let x = Tensor::f_from_slice(&images)?.f_view([n as i64, 3, h as i64, w as i64])?; // [n, 3, h, w]
+        let x = stack(&images)?; // [n, 3, h, w]
         let y = Tensor::f_from_slice(&labels)?; // [n]
         if self.pin_memory {
             return Ok((
@@ -226,6 +220,23 @@ impl Plan {
         }
         Ok((x, y))
     }
+}
+
+/// Stacks `[3, h, w]` images of one size into a `[n, 3, h, w]` tensor with a single copy.
+fn stack(images: &[ImageTensor]) -> Result<Tensor> {
+    let (h, w) = images.first().map_or((0, 0), |t| (t.height, t.width));
+    let x = Tensor::f_empty(
+        [images.len() as i64, 3, h as i64, w as i64],
+        (Kind::Float, Device::Cpu),
+    )?;
+    let len = images.len() * 3 * h * w;
+    // SAFETY: `x` is a new, contiguous f32 tensor of exactly `len` values on the CPU, owned here;
+    // nothing else can read or write it while this slice lives.
+    let dst = unsafe { std::slice::from_raw_parts_mut(x.data_ptr() as *mut f32, len) };
+    for (chunk, t) in dst.chunks_exact_mut((3 * h * w).max(1)).zip(images) {
+        chunk.copy_from_slice(&t.data);
+    }
+    Ok(x)
 }
 
 /// A seed from (seed, epoch, index): SplitMix64 steps, so nearby inputs give unrelated streams.

@@ -14,6 +14,7 @@
 //!
 //! Randomness comes from the `rng` passed to [`Transform::apply`]: the loader seeds one a sample,
 //! so the same seed gives the same augmentations whatever the number of workers.
+use std::any::Any;
 use std::fmt;
 use std::sync::Arc;
 
@@ -63,9 +64,16 @@ impl Sample {
 /// One step of a pipeline.
 pub trait Transform: Send + Sync + fmt::Debug {
     fn apply(&self, x: Sample, rng: &mut dyn RngCore) -> Result<Sample>;
+
+    /// Whether this is [`ToTensor`] (lets [`Compose`] fuse it with a following [`Normalize`]).
+    fn is_to_tensor(&self) -> bool {
+        false
+    }
 }
 
 /// Transforms applied in order (torchvision's `Compose`). Cheap to clone.
+///
+/// `ToTensor` directly followed by `Normalize` runs as one pass over the pixels (same values).
 #[derive(Clone, Debug, Default)]
 pub struct Compose(Vec<Arc<dyn Transform>>);
 
@@ -75,7 +83,14 @@ impl Compose {
     }
 
     /// Appends a transform.
-    pub fn then(mut self, t: impl Transform + 'static) -> Compose {
+    pub fn then<T: Transform + 'static>(mut self, t: T) -> Compose {
+        let any: &dyn Any = &t;
+        if let (Some(n), Some(last)) = (any.downcast_ref::<Normalize>(), self.0.last()) {
+            if last.is_to_tensor() {
+                *self.0.last_mut().expect("checked") = Arc::new(ToTensorNormalize(n.clone()));
+                return self;
+            }
+        }
         self.0.push(Arc::new(t));
         self
     }
@@ -210,7 +225,7 @@ pub fn resized_crop(
     let region = if (top, left, height, width) == (0, 0, img.height(), img.width()) {
         img
     } else {
-        cropped = image::imageops::crop_imm(img, left, top, width, height).to_image();
+        cropped = crop_inside(img, top, left, height, width);
         &cropped
     };
     let src = ImageRef::new(width, height, region.as_raw(), PixelType::U8x3)
@@ -222,6 +237,36 @@ pub fn resized_crop(
         .map_err(|e| Error::Invalid(format!("resized_crop: {e}")))?;
     RgbImage::from_raw(size.1, size.0, dst.into_vec())
         .ok_or_else(|| Error::Invalid("resized_crop: output buffer has the wrong size".into()))
+}
+
+/// Copies a region that lies inside the image, a row at a time.
+fn crop_inside(img: &RgbImage, top: u32, left: u32, height: u32, width: u32) -> RgbImage {
+    let stride = img.width() as usize * 3;
+    let (x0, row_len) = (left as usize * 3, width as usize * 3);
+    let mut raw = Vec::with_capacity(row_len * height as usize);
+    for row in img
+        .as_raw()
+        .chunks_exact(stride)
+        .skip(top as usize)
+        .take(height as usize)
+    {
+        raw.extend_from_slice(&row[x0..x0 + row_len]);
+    }
+    RgbImage::from_raw(width, height, raw).expect("width * height pixels")
+}
+
+/// Mirrors each row in place.
+fn hflip_image(mut img: RgbImage) -> RgbImage {
+    let w = img.width() as usize;
+    for row in img.chunks_exact_mut(w * 3) {
+        for x in 0..w / 2 {
+            let (a, b) = (x * 3, (w - 1 - x) * 3);
+            for c in 0..3 {
+                row.swap(a + c, b + c);
+            }
+        }
+    }
+    img
 }
 
 /// Flips left-right with probability `p` (torchvision's `RandomHorizontalFlip`).
@@ -246,7 +291,7 @@ impl Transform for RandomHorizontalFlip {
     fn apply(&self, x: Sample, rng: &mut dyn RngCore) -> Result<Sample> {
         let flip = rng.gen::<f64>() < self.p;
         Ok(match x {
-            Sample::Image(img) if flip => Sample::Image(image::imageops::flip_horizontal(&img)),
+            Sample::Image(img) if flip => Sample::Image(hflip_image(img)),
             Sample::Tensor(t) if flip => Sample::Tensor(hflip_tensor(t)),
             other => other,
         })
@@ -335,10 +380,11 @@ pub fn to_tensor(img: &RgbImage) -> ImageTensor {
     let mut data = vec![0f32; 3 * plane];
     let (r, rest) = data.split_at_mut(plane);
     let (g, b) = rest.split_at_mut(plane);
-    for (i, px) in img.as_raw().chunks_exact(3).enumerate() {
-        r[i] = px[0] as f32 / 255.0;
-        g[i] = px[1] as f32 / 255.0;
-        b[i] = px[2] as f32 / 255.0;
+    let planes = r.iter_mut().zip(g.iter_mut()).zip(b.iter_mut());
+    for (px, ((r, g), b)) in img.as_raw().chunks_exact(3).zip(planes) {
+        *r = px[0] as f32 / 255.0;
+        *g = px[1] as f32 / 255.0;
+        *b = px[2] as f32 / 255.0;
     }
     ImageTensor {
         data,
@@ -350,6 +396,37 @@ pub fn to_tensor(img: &RgbImage) -> ImageTensor {
 impl Transform for ToTensor {
     fn apply(&self, x: Sample, _rng: &mut dyn RngCore) -> Result<Sample> {
         Ok(Sample::Tensor(to_tensor(&x.into_image("ToTensor")?)))
+    }
+
+    fn is_to_tensor(&self) -> bool {
+        true
+    }
+}
+
+/// `ToTensor` then `Normalize` in one pass: `(x / 255 - mean) / std` per channel.
+#[derive(Clone, Debug)]
+struct ToTensorNormalize(Normalize);
+
+impl Transform for ToTensorNormalize {
+    fn apply(&self, x: Sample, _rng: &mut dyn RngCore) -> Result<Sample> {
+        let img = x.into_image("ToTensor")?;
+        let (w, h) = (img.width() as usize, img.height() as usize);
+        let plane = w * h;
+        let mut data = vec![0f32; 3 * plane];
+        let (r, rest) = data.split_at_mut(plane);
+        let (g, b) = rest.split_at_mut(plane);
+        let Normalize { mean: m, std: s } = self.0;
+        let planes = r.iter_mut().zip(g.iter_mut()).zip(b.iter_mut());
+        for (px, ((r, g), b)) in img.as_raw().chunks_exact(3).zip(planes) {
+            *r = (px[0] as f32 / 255.0 - m[0]) / s[0];
+            *g = (px[1] as f32 / 255.0 - m[1]) / s[1];
+            *b = (px[2] as f32 / 255.0 - m[2]) / s[2];
+        }
+        Ok(Sample::Tensor(ImageTensor {
+            data,
+            height: h,
+            width: w,
+        }))
     }
 }
 
