@@ -9,7 +9,7 @@
 //!     .then(RandomHorizontalFlip::new(0.5))
 //!     .then(ToTensor)
 //!     .then(normalize);
-//! assert_eq!(train_augs.len(), 4);
+//! assert_eq!(train_augs.len(), 3); // ToTensor and Normalize run fused, as one step
 //! ```
 //!
 //! Randomness comes from the `rng` passed to [`Transform::apply`]: the loader seeds one a sample,
