@@ -32,6 +32,9 @@ pub enum Error {
     /// An archive entry would be written outside the target folder (`../`, an absolute path, a link).
     #[error("{}: refusing entry {entry:?}: it would be written outside the target folder", archive.display())]
     UnsafeEntry { archive: PathBuf, entry: String },
+    /// A weights file cannot be read or does not fit the model.
+    #[error("{}: {msg}", path.display())]
+    Weights { path: PathBuf, msg: String },
     /// A data set folder or one of its files cannot be used.
     #[error("{}: {msg}", path.display())]
     Dataset { path: PathBuf, msg: String },

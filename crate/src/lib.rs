@@ -20,6 +20,7 @@ pub mod data;
 mod device;
 mod display;
 mod error;
+pub mod model;
 
 pub use data::{download, download_extract, DataLoader, ImageFolder, DATA_HUB, DATA_URL};
 pub use device::{device_repr, num_gpus, try_all_gpus, try_gpu, versions, Devices, Versions};

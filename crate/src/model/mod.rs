@@ -1,0 +1,75 @@
+//! Models and their weights: torchvision's ResNet-18 and PyTorch's state-dict files.
+mod pth;
+mod resnet;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use tch::nn::VarStore;
+use tch::Tensor;
+
+pub use pth::read_pth;
+pub use resnet::{linear, resnet18, Linear, ResNet};
+
+use crate::error::{Error, Result};
+
+/// Copies a state dict's tensors into the variables of `vs` with the same names, like PyTorch's
+/// `load_state_dict(strict=True)`, except for variables whose names start with one of `skip`
+/// (`&["fc."]` keeps a new output layer). `num_batches_tracked` entries are ignored (tch keeps
+/// no such counter). A missing or unexpected name, or a wrong shape or dtype, is an error that
+/// names it; nothing is copied then.
+pub fn load_state_dict(
+    vs: &VarStore,
+    state: &[(String, Tensor)],
+    skip: &[&str],
+    source: &Path,
+) -> Result<()> {
+    let bad = |msg: String| Error::Weights {
+        path: source.to_owned(),
+        msg,
+    };
+    let skipped = |name: &str| skip.iter().any(|s| name.starts_with(s));
+    let given: HashMap<&str, &Tensor> = state
+        .iter()
+        .filter(|(n, _)| !n.ends_with("num_batches_tracked") && !skipped(n))
+        .map(|(n, t)| (n.as_str(), t))
+        .collect();
+    let vars = vs.variables();
+    let mut names: Vec<&String> = vars.keys().filter(|n| !skipped(n)).collect();
+    names.sort();
+    for name in &names {
+        let var = &vars[*name];
+        let src = given
+            .get(name.as_str())
+            .ok_or_else(|| bad(format!("missing {name:?}")))?;
+        if src.size() != var.size() {
+            return Err(bad(format!(
+                "{name:?} has shape {:?}, the model wants {:?}",
+                src.size(),
+                var.size()
+            )));
+        }
+        if src.kind() != var.kind() {
+            return Err(bad(format!(
+                "{name:?} is {:?}, the model wants {:?}",
+                src.kind(),
+                var.kind()
+            )));
+        }
+    }
+    let mut unexpected: Vec<&&str> = given.keys().filter(|n| !vars.contains_key(**n)).collect();
+    unexpected.sort();
+    if let Some(name) = unexpected.first() {
+        return Err(bad(format!(
+            "unexpected {name:?} ({} unexpected in all)",
+            unexpected.len()
+        )));
+    }
+    tch::no_grad(|| -> Result<()> {
+        for name in names {
+            let mut var = vars[name].shallow_clone();
+            var.f_copy_(given[name.as_str()])?;
+        }
+        Ok(())
+    })
+}
