@@ -1,6 +1,7 @@
 //! Models and their weights: torchvision's ResNet-18 and PyTorch's state-dict files.
 mod pth;
 mod resnet;
+mod weights;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -10,6 +11,10 @@ use tch::Tensor;
 
 pub use pth::read_pth;
 pub use resnet::{linear, resnet18, Linear, ResNet};
+pub use weights::{
+    read_weights, resnet18_fine_tune, resnet18_from, resnet18_pretrained, torch_home, weights_file,
+    xavier_uniform, RESNET18_IMAGENET1K_V1, WEIGHTS_URL,
+};
 
 use crate::error::{Error, Result};
 

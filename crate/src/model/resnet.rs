@@ -152,7 +152,8 @@ pub fn resnet18(p: &nn::Path, num_classes: i64) -> ResNet {
         conv1: conv(p / "conv1", 3, 64, 7, 2, 3),
         bn1: bn(p / "bn1", 64),
         layers,
-        fc: linear(p / "fc", 512, num_classes),
+        // Optimiser group 1, so that the output layer can get its own learning rate.
+        fc: linear(p.set_group(1) / "fc", 512, num_classes),
     }
 }
 

@@ -1,0 +1,105 @@
+//! Pretrained weights: torch.hub-style cache and hash check through a mirror on 127.0.0.1, and
+//! the fine-tuning model built from a weights file (its own test binary: it sets environment
+//! variables).
+mod common;
+
+use common::{Reply, Server};
+use d2l::model::{resnet18, resnet18_fine_tune, weights_file};
+use d2l::tch::nn::{self, OptimizerConfig, VarStore};
+use d2l::tch::{Device, Kind, Tensor};
+use sha2::Digest;
+
+#[test]
+fn weights_download_once_into_torch_home_checked_by_the_hash_in_their_name() {
+    let server = Server::start();
+    let body = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/pth/tiny.pth"
+    ))
+    .unwrap();
+    let hash: String = sha2::Sha256::digest(&body)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let name = format!("tiny-{}.pth", &hash[..8]);
+    server.route(&name, Reply::Body(body.clone()));
+    server.route("tiny-f37072fd.pth", Reply::Body(body.clone()));
+    let home = tempfile::tempdir().unwrap();
+    std::env::set_var("TORCH_HOME", home.path());
+    std::env::set_var("D2L_WEIGHTS_URL", &server.base);
+
+    let path = weights_file(&name).unwrap();
+    assert_eq!(path, home.path().join("hub/checkpoints").join(&name));
+    assert_eq!(std::fs::read(&path).unwrap(), body);
+    weights_file(&name).unwrap();
+    assert_eq!(server.hits(&name), 1, "a cached file is reused");
+    assert_eq!(d2l::model::read_weights(&path).unwrap().len(), 13);
+
+    // The same bytes under a name whose hash prefix they do not have: refused, nothing kept.
+    let err = weights_file("tiny-f37072fd.pth").unwrap_err().to_string();
+    assert!(
+        err.contains("SHA-256 starting f37072fd") && err.contains(&hash),
+        "{err}"
+    );
+    assert!(!home
+        .path()
+        .join("hub/checkpoints/tiny-f37072fd.pth")
+        .exists());
+}
+
+#[test]
+fn fine_tune_model_keeps_the_body_gets_a_new_head_and_its_own_learning_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source.safetensors");
+    let src_vs = VarStore::new(Device::Cpu);
+    let _ = resnet18(&src_vs.root(), 1000);
+    src_vs.save(&source).unwrap();
+
+    let vs = VarStore::new(Device::Cpu);
+    let net = resnet18_fine_tune(&vs, &source, 2).unwrap();
+    let (src, dst) = (src_vs.variables(), vs.variables());
+    assert!(dst["layer3.1.conv2.weight"].equal(&src["layer3.1.conv2.weight"]));
+    assert!(dst["bn1.running_var"].equal(&src["bn1.running_var"]));
+    assert_eq!(dst["fc.weight"].size(), [2, 512]);
+    assert_eq!(
+        net.fc.repr(),
+        "Linear(in_features=512, out_features=2, bias=True)"
+    );
+    let bound = (6.0f64 / 514.0).sqrt();
+    let max = dst["fc.weight"].abs().max().double_value(&[]);
+    assert!(
+        max <= bound && max > 0.5 * bound,
+        "xavier bound {bound}, max {max}"
+    );
+
+    // Group 1 (fc) at 10 x lr: with a gradient of ones and no weight decay, fc moves ten times
+    // as far as the body.
+    let lr = 0.01;
+    let mut opt = nn::Sgd::default().build(&vs, lr).unwrap();
+    opt.set_lr_group(1, 10.0 * lr);
+    let before: Vec<(String, Tensor)> = dst.iter().map(|(n, t)| (n.clone(), t.copy())).collect();
+    let loss = vs
+        .trainable_variables()
+        .iter()
+        .map(|t| t.sum(Kind::Float))
+        .fold(Tensor::from(0f32), |a, b| a + b);
+    opt.zero_grad();
+    loss.backward();
+    opt.step();
+    let after = vs.variables();
+    for (name, old) in before {
+        if name.contains("running") {
+            continue;
+        }
+        let step = (old - &after[&name]).mean(Kind::Float).double_value(&[]);
+        let want = if name.starts_with("fc.") {
+            10.0 * lr
+        } else {
+            lr
+        };
+        assert!(
+            (step - want).abs() < 1e-6,
+            "{name}: moved {step}, expected {want}"
+        );
+    }
+}
