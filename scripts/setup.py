@@ -300,6 +300,9 @@ def main():
     ap.add_argument("--check", action="store_true", help="only check; say in one line what to run")
     ap.add_argument("--reinstall", action="store_true", help="rebuild the venv from scratch")
     ap.add_argument("--print-venv", action="store_true", help="print the venv's path and exit")
+    ap.add_argument("--python-only", action="store_true",
+                    help="only install that venv (for Python-side scripts); leave the kernel, "
+                         ".cargo/config.toml and .d2l/venv as they are")
     args = ap.parse_args()
 
     home = Path(os.environ.get("D2L_HOME", Path.home() / ".cache" / "d2l-rs"))
@@ -320,6 +323,9 @@ def main():
     if args.reinstall or not (venv / STAMP).exists():
         install_venv(venv, spec, variant)
     tdir = check_venv(venv, spec, variant)
+    if args.python_only:
+        say(f"ready: torch {installed_version(venv, 'torch')} ({variant}) in {venv} (Python side only)")
+        return
     evcxr = install_evcxr(home, spec["evcxr_jupyter"])
     install_kernelspec(venv, spec, tdir, evcxr, variant)
     write_cargo_config(tdir, variant)

@@ -21,6 +21,7 @@ mod device;
 mod display;
 mod error;
 pub mod model;
+pub mod train;
 
 pub use data::{download, download_extract, DataLoader, ImageFolder, DATA_HUB, DATA_URL};
 pub use device::{device_repr, num_gpus, try_all_gpus, try_gpu, versions, Devices, Versions};
