@@ -207,6 +207,27 @@ fn load_state_dict_checks_names_shapes_and_dtypes() {
     load_state_dict(&other, &no_head, &["3."], &src).unwrap();
     assert!(other.variables()["3.weight"].equal(&before));
 
+    let doubled: Vec<(String, Tensor)> = only_model
+        .iter()
+        .map(|(n, t)| {
+            (
+                n.clone(),
+                if n == "1.weight" {
+                    t.to_kind(Kind::Double)
+                } else {
+                    t.shallow_clone()
+                },
+            )
+        })
+        .collect();
+    let err = load_state_dict(&vs, &doubled, &[], &src)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("\"1.weight\" is Double, the model wants Float"),
+        "{err}"
+    );
+
     let missing: Vec<(String, Tensor)> = only_model
         .iter()
         .skip(1)

@@ -44,6 +44,18 @@ fn setup_check(venv: &Path, home: &Path) -> (i32, String) {
     )
 }
 
+/// A real but empty venv (no pip, no packages) in `dir`.
+fn bare_venv(dir: &Path) -> PathBuf {
+    let venv = dir.join("venv");
+    let made = Command::new("python3")
+        .args(["-m", "venv", "--without-pip"])
+        .arg(&venv)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    venv
+}
+
 #[test]
 fn missing_venv_is_one_line_saying_what_to_run() {
     let tmp = tempfile::tempdir().unwrap();
@@ -59,13 +71,7 @@ fn missing_venv_is_one_line_saying_what_to_run() {
 #[test]
 fn wrong_torch_version_is_one_line_saying_what_to_run() {
     let tmp = tempfile::tempdir().unwrap();
-    let venv = tmp.path().join("venv");
-    let made = Command::new("python3")
-        .args(["-m", "venv", "--without-pip"])
-        .arg(&venv)
-        .status()
-        .unwrap();
-    assert!(made.success());
+    let venv = bare_venv(tmp.path());
     let site = std::fs::read_dir(venv.join("lib"))
         .unwrap()
         .next()
@@ -97,13 +103,7 @@ fn wrong_torch_version_is_one_line_saying_what_to_run() {
 #[test]
 fn venv_cut_short_is_not_taken_for_a_good_one() {
     let tmp = tempfile::tempdir().unwrap();
-    let venv = tmp.path().join("venv");
-    let made = Command::new("python3")
-        .args(["-m", "venv", "--without-pip"])
-        .arg(&venv)
-        .status()
-        .unwrap();
-    assert!(made.success());
+    let venv = bare_venv(tmp.path());
     let (code, err) = setup_check(&venv, tmp.path());
     assert_eq!(code, 1);
     assert!(

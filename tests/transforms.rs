@@ -61,53 +61,32 @@ fn random_resized_crop_output_has_the_size_asked() {
     assert_eq!(img.dimensions(), (32, 32));
 }
 
+fn center_crop(img: &RgbImage, size: u32) -> RgbImage {
+    let rng = &mut ChaCha8Rng::seed_from_u64(0);
+    match CenterCrop::new(size)
+        .apply(Sample::Image(img.clone()), rng)
+        .unwrap()
+    {
+        Sample::Image(out) => out,
+        Sample::Tensor(_) => panic!("an image"),
+    }
+}
+
 #[test]
 fn center_crop_uses_pythons_rounding_and_pads_small_images() {
     let img = gradient(256, 256);
-    let Sample::Image(out) = CenterCrop::new(224)
-        .apply(
-            Sample::Image(img.clone()),
-            &mut ChaCha8Rng::seed_from_u64(0),
-        )
-        .unwrap()
-    else {
-        panic!()
-    };
-    assert_eq!(out.get_pixel(0, 0), img.get_pixel(16, 16));
+    assert_eq!(
+        center_crop(&img, 224).get_pixel(0, 0),
+        img.get_pixel(16, 16)
+    );
     // (225 - 224) / 2 = 0.5 rounds to 0 in Python (half to even).
     let img = gradient(225, 225);
-    let Sample::Image(out) = CenterCrop::new(224)
-        .apply(
-            Sample::Image(img.clone()),
-            &mut ChaCha8Rng::seed_from_u64(0),
-        )
-        .unwrap()
-    else {
-        panic!()
-    };
-    assert_eq!(out.get_pixel(0, 0), img.get_pixel(0, 0));
+    assert_eq!(center_crop(&img, 224).get_pixel(0, 0), img.get_pixel(0, 0));
     // (227 - 224) / 2 = 1.5 rounds to 2.
     let img = gradient(227, 227);
-    let Sample::Image(out) = CenterCrop::new(224)
-        .apply(
-            Sample::Image(img.clone()),
-            &mut ChaCha8Rng::seed_from_u64(0),
-        )
-        .unwrap()
-    else {
-        panic!()
-    };
-    assert_eq!(out.get_pixel(0, 0), img.get_pixel(2, 2));
+    assert_eq!(center_crop(&img, 224).get_pixel(0, 0), img.get_pixel(2, 2));
     // Smaller than the crop: padded with black around the centred image.
-    let Sample::Image(out) = CenterCrop::new(4)
-        .apply(
-            Sample::Image(RgbImage::from_pixel(2, 2, image::Rgb([9, 9, 9]))),
-            &mut ChaCha8Rng::seed_from_u64(0),
-        )
-        .unwrap()
-    else {
-        panic!()
-    };
+    let out = center_crop(&RgbImage::from_pixel(2, 2, image::Rgb([9, 9, 9])), 4);
     assert_eq!(out.get_pixel(0, 0).0, [0, 0, 0]);
     assert_eq!(out.get_pixel(1, 1).0, [9, 9, 9]);
 }

@@ -103,3 +103,60 @@ fn fine_tune_model_keeps_the_body_gets_a_new_head_and_its_own_learning_rate() {
         );
     }
 }
+
+#[test]
+fn frozen_body_stays_put_while_the_head_learns() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source.safetensors");
+    let src_vs = VarStore::new(Device::Cpu);
+    let _ = resnet18(&src_vs.root(), 1000);
+    src_vs.save(&source).unwrap();
+
+    let vs = VarStore::new(Device::Cpu);
+    let net = resnet18_fine_tune(&vs, &source, 2).unwrap();
+    d2l::model::freeze_body(&vs);
+    let before: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .map(|(n, t)| (n, t.copy()))
+        .collect();
+    let mut opt = d2l::train::sgd(&vs, 0.1, 0.001, true).unwrap();
+    let x = Tensor::randn([4, 3, 32, 32], (Kind::Float, Device::Cpu));
+    let y = Tensor::from_slice(&[0i64, 1, 0, 1]);
+    let loss = d2l::train::cross_entropy(&nn::ModuleT::forward_t(&net, &x, true), &y)
+        .unwrap()
+        .sum(Kind::Float);
+    opt.zero_grad();
+    loss.backward();
+    opt.step();
+    let after = vs.variables();
+    for (name, old) in before {
+        let moved = !after[&name].equal(&old);
+        if name.starts_with("fc.") {
+            assert!(moved, "{name} should learn");
+        } else if !name.contains("running") {
+            assert!(!moved, "{name} is frozen");
+        }
+    }
+}
+
+#[test]
+fn head_row_can_start_from_an_imagenet_class() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("imagenet.safetensors");
+    let src_vs = VarStore::new(Device::Cpu);
+    let _ = resnet18(&src_vs.root(), 1000);
+    src_vs.save(&source).unwrap();
+    let imagenet = d2l::model::read_weights(&source).unwrap();
+
+    let vs = VarStore::new(Device::Cpu);
+    let mut net = resnet18_fine_tune(&vs, &source, 2).unwrap();
+    d2l::model::init_head_from_class(&mut net, &imagenet, 934, 0).unwrap();
+    let w = &imagenet.iter().find(|(n, _)| n == "fc.weight").unwrap().1;
+    assert!(net.fc.ws.get(0).equal(&w.get(934)));
+    assert!(!net.fc.ws.get(1).equal(&w.get(935)));
+    let err = d2l::model::init_head_from_class(&mut net, &imagenet, 1000, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("out of range"), "{err}");
+}

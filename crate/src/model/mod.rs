@@ -12,8 +12,9 @@ use tch::Tensor;
 pub use pth::read_pth;
 pub use resnet::{linear, resnet18, Linear, ResNet};
 pub use weights::{
-    read_weights, resnet18_fine_tune, resnet18_from, resnet18_pretrained, torch_home, weights_file,
-    xavier_uniform, RESNET18_IMAGENET1K_V1, WEIGHTS_URL,
+    freeze_body, init_head_from_class, read_weights, resnet18_fine_tune, resnet18_from,
+    resnet18_pretrained, torch_home, weights_file, xavier_uniform, RESNET18_IMAGENET1K_V1,
+    WEIGHTS_URL,
 };
 
 use crate::error::{Error, Result};

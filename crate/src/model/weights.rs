@@ -90,3 +90,55 @@ pub fn read_weights(path: &Path) -> Result<Vec<(String, tch::Tensor)>> {
     }
     read_pth(path)
 }
+
+/// Stops gradients for everything but the output layer `fc` (the chapter's exercise: freeze
+/// the pre-trained body). Frozen parameters get no gradient, so SGD leaves them as they are,
+/// weight decay included, as in PyTorch.
+pub fn freeze_body(vs: &VarStore) {
+    for (name, var) in vs.variables() {
+        if !name.starts_with("fc.") {
+            let _ = var.set_requires_grad(false);
+        }
+    }
+}
+
+/// Starts output `target_class` of `net.fc` from the ImageNet head's row `source_class` (the
+/// chapter's exercise: class 934 is "hotdog, hot dog, red hot"). `source` is the ImageNet state
+/// dict, as [`read_weights`] gives it.
+pub fn init_head_from_class(
+    net: &mut ResNet,
+    source: &[(String, tch::Tensor)],
+    source_class: i64,
+    target_class: i64,
+) -> Result<()> {
+    let get = |name: &str| {
+        source
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t)
+            .ok_or_else(|| {
+                crate::Error::Invalid(format!(
+                    "init_head_from_class: the source weights have no {name:?}"
+                ))
+            })
+    };
+    let (w, b) = (get("fc.weight")?, get("fc.bias")?);
+    let rows = w.size()[0];
+    if !(0..rows).contains(&source_class) || !(0..net.fc.out_features).contains(&target_class) {
+        return Err(crate::Error::Invalid(format!(
+            "init_head_from_class: class {source_class} of {rows} -> {target_class} of {} is out of range",
+            net.fc.out_features
+        )));
+    }
+    tch::no_grad(|| -> Result<()> {
+        net.fc
+            .ws
+            .f_get(target_class)?
+            .f_copy_(&w.f_get(source_class)?)?;
+        net.fc
+            .bs
+            .f_get(target_class)?
+            .f_copy_(&b.f_get(source_class)?)?;
+        Ok(())
+    })
+}
