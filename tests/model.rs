@@ -238,3 +238,29 @@ fn load_state_dict_checks_names_shapes_and_dtypes() {
         .to_string();
     assert!(err.contains("missing \"0.weight\""), "{err}");
 }
+
+#[test]
+fn summary_counts_torchvisions_parameters() {
+    let vs = VarStore::new(Device::Cpu);
+    let net = resnet18(&vs.root(), 1000);
+    let text = net.to_string();
+    // torchvision's resnet18 has 11,689,512 parameters.
+    assert!(
+        text.starts_with("ResNet-18: 11,689,512 trainable parameters"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Linear(in_features=512, out_features=1000, bias=True)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("2 x BasicBlock(256 -> 512, stride 2)"),
+        "{text}"
+    );
+    let counted: i64 = vs
+        .trainable_variables()
+        .iter()
+        .map(|t| t.numel() as i64)
+        .sum();
+    assert_eq!(counted, 11_689_512);
+}

@@ -1,6 +1,7 @@
 //! Models and their weights: torchvision's ResNet-18 and PyTorch's state-dict files.
 mod pth;
 mod resnet;
+mod source;
 mod weights;
 
 use std::collections::HashMap;
@@ -11,6 +12,7 @@ use tch::Tensor;
 
 pub use pth::read_pth;
 pub use resnet::{linear, resnet18, Linear, ResNet};
+pub use source::{pretrain_source_model, SourceModel, SourceModelConfig};
 pub use weights::{
     freeze_body, init_head_from_class, read_weights, resnet18_fine_tune, resnet18_from,
     resnet18_pretrained, torch_home, weights_file, xavier_uniform, RESNET18_IMAGENET1K_V1,

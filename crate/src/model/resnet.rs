@@ -180,3 +180,84 @@ impl ModuleT for ResNet {
         nn::Module::forward(&self.fc, &self.features(xs, train))
     }
 }
+
+fn conv_params(c: &nn::Conv2D) -> i64 {
+    c.ws.numel() as i64
+}
+
+fn bn_params(b: &nn::BatchNorm) -> i64 {
+    b.ws.as_ref().map_or(0, |w| w.numel() as i64) + b.bs.as_ref().map_or(0, |w| w.numel() as i64)
+}
+
+impl BasicBlock {
+    fn params(&self) -> i64 {
+        let down = self
+            .downsample
+            .as_ref()
+            .map_or(0, |(c, b)| conv_params(c) + bn_params(b));
+        conv_params(&self.conv1)
+            + bn_params(&self.bn1)
+            + conv_params(&self.conv2)
+            + bn_params(&self.bn2)
+            + down
+    }
+}
+
+/// A short summary: each stage with its trainable parameter count.
+impl fmt::Display for ResNet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let fc = self.fc.ws.numel() as i64 + self.fc.bs.numel() as i64;
+        let mut rows = vec![
+            (
+                "conv1".to_owned(),
+                "Conv2d(3, 64, kernel_size=(7, 7), stride=(2, 2), padding=(3, 3), bias=False)"
+                    .to_owned(),
+                conv_params(&self.conv1),
+            ),
+            (
+                "bn1".to_owned(),
+                "BatchNorm2d(64), ReLU, MaxPool2d(kernel_size=3, stride=2, padding=1)".to_owned(),
+                bn_params(&self.bn1),
+            ),
+        ];
+        let mut c_in = 64;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let c_out = layer[0].bn1.ws.as_ref().map_or(0, |w| w.size()[0]);
+            let stride = if i == 0 { 1 } else { 2 };
+            let what = format!(
+                "{} x BasicBlock({c_in} -> {c_out}, stride {stride})",
+                layer.len()
+            );
+            rows.push((
+                format!("layer{}", i + 1),
+                what,
+                layer.iter().map(BasicBlock::params).sum(),
+            ));
+            c_in = c_out;
+        }
+        rows.push((
+            "avgpool".to_owned(),
+            "AdaptiveAvgPool2d(output_size=(1, 1))".to_owned(),
+            0,
+        ));
+        rows.push(("fc".to_owned(), self.fc.repr(), fc));
+        let total: i64 = rows.iter().map(|r| r.2).sum();
+        writeln!(f, "ResNet-18: {} trainable parameters", thousands(total))?;
+        for (name, what, params) in rows {
+            writeln!(f, "  {name:<8} {what:<78} {:>10}", thousands(params))?;
+        }
+        Ok(())
+    }
+}
+
+fn thousands(n: i64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}

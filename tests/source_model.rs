@@ -1,0 +1,56 @@
+//! The offline source model: trained for real on the synthetic food set, cached by config, and
+//! usable as the fine-tuning model's body.
+use d2l::data::synthetic::SourceConfig;
+use d2l::model::{pretrain_source_model, resnet18_fine_tune, SourceModelConfig};
+use d2l::tch::nn::VarStore;
+use d2l::tch::Device;
+
+fn tiny() -> SourceModelConfig {
+    SourceModelConfig {
+        data: SourceConfig {
+            train_per_class: 3,
+            test_per_class: 1,
+            min_side: 24,
+            max_side: 40,
+            seed: 1,
+        },
+        image_size: 32,
+        epochs: 1,
+        batch_size: 8,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn source_model_is_trained_once_cached_and_says_what_it_is() {
+    let cache = tempfile::tempdir().unwrap();
+    let model = pretrain_source_model(cache.path(), &tiny(), Device::Cpu).unwrap();
+    assert_eq!(model.classes.len(), 10);
+    assert!(model.weights.is_file());
+    assert!((0.0..=1.0).contains(&model.test_acc));
+    let text = model.describe();
+    assert!(
+        text.contains("NOT on ImageNet") && text.contains("10-class"),
+        "{text}"
+    );
+
+    let again = pretrain_source_model(cache.path(), &tiny(), Device::Cpu).unwrap();
+    assert_eq!(
+        again.train_seconds, model.train_seconds,
+        "the cached model is reused"
+    );
+    let entries: Vec<_> = std::fs::read_dir(cache.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        entries
+            .iter()
+            .all(|n| !n.to_string_lossy().starts_with(".source-model.")),
+        "{entries:?}"
+    );
+
+    let vs = VarStore::new(Device::Cpu);
+    let net = resnet18_fine_tune(&vs, &model.weights, 2).unwrap();
+    assert_eq!(net.fc.out_features, 2);
+}
