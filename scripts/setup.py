@@ -13,6 +13,8 @@ A second run checks and does nothing. `--check` only checks and says in one line
 """
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -197,6 +199,15 @@ def ensure_disk(path, need):
             f"free some space or point D2L_HOME elsewhere")
 
 
+@contextlib.contextmanager
+def locked(path):
+    """An exclusive lock on `path` (created if missing) for the duration of the block."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 def install_venv(venv, spec, variant):
     if venv.exists():
         say(f"removing the incomplete venv {venv}")
@@ -216,23 +227,43 @@ def evcxr_binary(home, version):
     return home / f"evcxr_jupyter-{version}" / "bin" / "evcxr_jupyter"
 
 
-def install_evcxr(home, version):
-    target = evcxr_binary(home, version)
-    if target.exists():
-        return target
-    if not shutil.which("cargo"):
-        raise SetupError("cargo is not on PATH: install Rust (https://rustup.rs) and run again")
-    ensure_disk(home, 2 * GIB)
-    say(f"building evcxr_jupyter {version} (a few minutes, once)")
-    tmp = Path(tempfile.mkdtemp(dir=home, prefix="evcxr-build-"))
-    try:
-        run(["cargo", "install", "--locked", "--quiet", "evcxr_jupyter", "--version", version,
-             "--root", tmp, "--target-dir", tmp / "target"])
-        shutil.rmtree(tmp / "target", ignore_errors=True)
-        os.replace(tmp, target.parent.parent)  # atomic: a cut build never looks installed
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+class EvcxrBuild:
+    """`cargo install` of evcxr_jupyter into a temporary root, renamed into place when done (a cut
+    build never looks installed). Started early and waited on later, so that the CPU-bound build
+    overlaps the network-bound venv install."""
+
+    def __init__(self, home, version):
+        self.target = evcxr_binary(home, version)
+        self.proc = None
+        if self.target.exists():
+            return
+        if not shutil.which("cargo"):
+            raise SetupError("cargo is not on PATH: install Rust (https://rustup.rs) and run again")
+        ensure_disk(home, 2 * GIB)
+        self.tmp = Path(tempfile.mkdtemp(dir=home, prefix="evcxr-build-"))
+        cmd = ["cargo", "install", "--locked", "--quiet", "evcxr_jupyter", "--version", version,
+               "--root", str(self.tmp), "--target-dir", str(self.tmp / "target")]
+        say(f"building evcxr_jupyter {version} in the background (a few minutes, once)")
+        say("$ " + " ".join(cmd))
+        self.proc = subprocess.Popen(cmd)
+
+    def wait(self):
+        if self.proc is None:
+            return self.target
+        try:
+            if self.proc.wait() != 0:
+                raise SetupError(f"building evcxr_jupyter failed (exit {self.proc.returncode}); see above")
+            shutil.rmtree(self.tmp / "target", ignore_errors=True)
+            os.replace(self.tmp, self.target.parent.parent)
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        return self.target
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def write_if_changed(path, text):
@@ -320,13 +351,20 @@ def main():
         return
 
     check_python(spec)
-    if args.reinstall or not (venv / STAMP).exists():
-        install_venv(venv, spec, variant)
-    tdir = check_venv(venv, spec, variant)
-    if args.python_only:
-        say(f"ready: torch {installed_version(venv, 'torch')} ({variant}) in {venv} (Python side only)")
-        return
-    evcxr = install_evcxr(home, spec["evcxr_jupyter"])
+    evcxr_build = None if args.python_only else EvcxrBuild(home, spec["evcxr_jupyter"])
+    try:
+        with locked(venv.with_name(venv.name + ".lock")):
+            if args.reinstall or not (venv / STAMP).exists():
+                install_venv(venv, spec, variant)
+        tdir = check_venv(venv, spec, variant)
+        if args.python_only:
+            say(f"ready: torch {installed_version(venv, 'torch')} ({variant}) in {venv} (Python side only)")
+            return
+        evcxr = evcxr_build.wait()
+    except BaseException:
+        if evcxr_build is not None:
+            evcxr_build.stop()
+        raise
     install_kernelspec(venv, spec, tdir, evcxr, variant)
     write_cargo_config(tdir, variant)
     link(ROOT / ".d2l" / "venv", venv)
