@@ -9,6 +9,15 @@ use d2l::tch::nn::{self, OptimizerConfig, VarStore};
 use d2l::tch::{Device, Kind, Tensor};
 use sha2::Digest;
 
+/// A 1000-class ResNet-18 saved as safetensors in `dir`, standing in for the ImageNet weights.
+fn saved_resnet18(dir: &std::path::Path) -> (std::path::PathBuf, VarStore) {
+    let path = dir.join("source.safetensors");
+    let vs = VarStore::new(Device::Cpu);
+    let _ = resnet18(&vs.root(), 1000);
+    vs.save(&path).unwrap();
+    (path, vs)
+}
+
 #[test]
 fn weights_download_once_into_torch_home_checked_by_the_hash_in_their_name() {
     let server = Server::start();
@@ -50,10 +59,7 @@ fn weights_download_once_into_torch_home_checked_by_the_hash_in_their_name() {
 #[test]
 fn fine_tune_model_keeps_the_body_gets_a_new_head_and_its_own_learning_rate() {
     let dir = tempfile::tempdir().unwrap();
-    let source = dir.path().join("source.safetensors");
-    let src_vs = VarStore::new(Device::Cpu);
-    let _ = resnet18(&src_vs.root(), 1000);
-    src_vs.save(&source).unwrap();
+    let (source, src_vs) = saved_resnet18(dir.path());
 
     let vs = VarStore::new(Device::Cpu);
     let net = resnet18_fine_tune(&vs, &source, 2).unwrap();
@@ -107,10 +113,7 @@ fn fine_tune_model_keeps_the_body_gets_a_new_head_and_its_own_learning_rate() {
 #[test]
 fn frozen_body_stays_put_while_the_head_learns() {
     let dir = tempfile::tempdir().unwrap();
-    let source = dir.path().join("source.safetensors");
-    let src_vs = VarStore::new(Device::Cpu);
-    let _ = resnet18(&src_vs.root(), 1000);
-    src_vs.save(&source).unwrap();
+    let (source, _) = saved_resnet18(dir.path());
 
     let vs = VarStore::new(Device::Cpu);
     let net = resnet18_fine_tune(&vs, &source, 2).unwrap();
@@ -143,10 +146,7 @@ fn frozen_body_stays_put_while_the_head_learns() {
 #[test]
 fn head_row_can_start_from_an_imagenet_class() {
     let dir = tempfile::tempdir().unwrap();
-    let source = dir.path().join("imagenet.safetensors");
-    let src_vs = VarStore::new(Device::Cpu);
-    let _ = resnet18(&src_vs.root(), 1000);
-    src_vs.save(&source).unwrap();
+    let (source, _) = saved_resnet18(dir.path());
     let imagenet = d2l::model::read_weights(&source).unwrap();
 
     let vs = VarStore::new(Device::Cpu);

@@ -161,6 +161,11 @@ fn digest_file(path: &Path) -> Result<FileDigest> {
 /// Downloads a `DATA_HUB` data set into [`data_dir`] and returns the file's path (d2l's
 /// `download`). A cached file whose SHA-1 matches is reused without a request.
 pub fn download(name: &str) -> Result<PathBuf> {
+    download_checked(name).map(|(path, _)| path)
+}
+
+/// [`download`], also giving the SHA-1 the file was checked against.
+fn download_checked(name: &str) -> Result<(PathBuf, String)> {
     let (url, sha1) = DATA_HUB.get(name).ok_or_else(|| {
         Error::Invalid(format!(
             "{name:?} is not in DATA_HUB (it has {:?}): add it with d2l::DATA_HUB.insert(name, url, sha1)",
@@ -173,8 +178,8 @@ pub fn download(name: &str) -> Result<PathBuf> {
         .filter(|n| !n.is_empty())
         .unwrap_or(name);
     let path = data_dir().join(file_name);
-    fetch(&mirrored(&url), &path, &Checksum::Sha1(sha1))?;
-    Ok(path)
+    fetch(&mirrored(&url), &path, &Checksum::Sha1(sha1.clone()))?;
+    Ok((path, sha1))
 }
 
 /// Makes `path` hold the file at `url` with the given checksum. A file already there that
@@ -314,13 +319,18 @@ impl Progress {
 /// `download_extract`: `../data/hotdog` for `"hotdog"`). Extracts once: a marker beside the
 /// archive records its SHA-1, and a later call with the same archive does nothing.
 pub fn download_extract(name: &str) -> Result<PathBuf> {
-    let archive = download(name)?;
-    extract(&archive)
+    let (archive, sha1) = download_checked(name)?;
+    extract_known(&archive, sha1)
 }
 
 /// Extracts `archive` (`.zip`, `.tar.gz` or `.tgz`) into its own folder, once; returns the folder
 /// named like the archive (`hotdog.zip` -> `hotdog`).
 pub fn extract(archive: &Path) -> Result<PathBuf> {
+    extract_known(archive, digest_file(archive)?.sha1)
+}
+
+/// [`extract`] of an archive whose SHA-1 is already known (hashing a large archive takes time).
+fn extract_known(archive: &Path, sha1: String) -> Result<PathBuf> {
     let name = archive
         .file_name()
         .and_then(|n| n.to_str())
@@ -344,7 +354,6 @@ pub fn extract(archive: &Path) -> Result<PathBuf> {
         .unwrap_or(Path::new("."));
     let target = base.join(stem);
     let marker = base.join(format!("{name}.extracted"));
-    let sha1 = digest_file(archive)?.sha1;
     if target.is_dir() && fs::read_to_string(&marker).is_ok_and(|m| m.trim() == sha1) {
         return Ok(target);
     }
