@@ -1,0 +1,110 @@
+//! train_ch13 on a tiny synthetic run: history, print format, plot-point schedule, metrics.
+use d2l::data::synthetic::{make_hotdog_dataset, HotdogConfig};
+use d2l::data::transforms::*;
+use d2l::data::{DataLoader, ImageFolder};
+use d2l::model::resnet18;
+use d2l::tch::nn::VarStore;
+use d2l::tch::{Device, Tensor};
+use d2l::train::*;
+
+#[test]
+fn plot_points_follow_d2l_without_dividing_by_zero() {
+    // 16 batches: every 3rd, and the last.
+    assert_eq!(plot_points(16), [2, 5, 8, 11, 14, 15]);
+    // Fewer than 5 batches: every batch (d2l would divide by zero).
+    assert_eq!(plot_points(3), [0, 1, 2]);
+    assert_eq!(plot_points(1), [0]);
+    assert!(plot_points(0).is_empty());
+}
+
+#[test]
+fn accumulator_timer_and_accuracy_behave_like_d2l() {
+    let mut m = Accumulator::new(2);
+    m.add(&[1.0, 2.0]);
+    m.add(&[0.5, 1.0]);
+    assert_eq!((m[0], m[1]), (1.5, 3.0));
+    m.reset();
+    assert_eq!(m[0], 0.0);
+    let mut t = Timer::new();
+    t.start();
+    assert!(t.stop() >= 0.0);
+    assert_eq!(t.avg(), t.sum());
+    let y_hat = Tensor::from_slice(&[0.1f32, 0.9, 0.8, 0.2, 0.3, 0.7]).reshape([3, 2]);
+    let y = Tensor::from_slice(&[1i64, 0, 0]);
+    assert_eq!(accuracy(&y_hat, &y).unwrap(), 2.0);
+}
+
+#[test]
+fn tiny_run_gives_history_and_d2l_result_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = HotdogConfig {
+        train_per_class: 6,
+        test_per_class: 2,
+        min_side: 24,
+        max_side: 40,
+        seed: 2,
+    };
+    let root = make_hotdog_dataset(dir.path(), &cfg).unwrap();
+    let augs = Compose::new()
+        .then(RandomResizedCrop::new(16))
+        .then(ToTensor)
+        .then(Normalize::imagenet());
+    let test_augs = Compose::new()
+        .then(Resize::new(16, 16))
+        .then(ToTensor)
+        .then(Normalize::imagenet());
+    let train_iter = DataLoader::new(ImageFolder::new(root.join("train")).unwrap(), augs, 4)
+        .unwrap()
+        .shuffle(true);
+    let test_iter =
+        DataLoader::new(ImageFolder::new(root.join("test")).unwrap(), test_augs, 4).unwrap();
+    let vs = VarStore::new(Device::Cpu);
+    let net = resnet18(&vs.root(), 2);
+    let mut trainer = sgd(&vs, 1e-3, 1e-3, true).unwrap();
+    let devices = d2l::Devices(vec![Device::Cpu]);
+
+    let history = train_ch13(
+        &net,
+        &train_iter,
+        &test_iter,
+        cross_entropy,
+        &mut trainer,
+        2,
+        &devices,
+    )
+    .unwrap();
+    // 12 images in batches of 4: 3 batches, a point after each, then test accuracy each epoch.
+    let xs: Vec<f64> = history.points.iter().map(|p| p.x).collect();
+    assert_eq!(
+        xs,
+        [
+            1.0 / 3.0,
+            2.0 / 3.0,
+            1.0,
+            1.0,
+            1.0 + 1.0 / 3.0,
+            1.0 + 2.0 / 3.0,
+            2.0,
+            2.0
+        ]
+    );
+    assert!(history.points[3].test_acc.is_some() && history.points[3].train_loss.is_none());
+    assert!((0.0..=1.0).contains(&history.train_acc) && (0.0..=1.0).contains(&history.test_acc));
+    assert!(history.train_loss > 0.0 && history.examples_per_sec > 0.0);
+    let [first, second] = history.result_lines();
+    let expect = format!(
+        "loss {:.3}, train acc {:.3}, test acc {:.3}",
+        history.train_loss, history.train_acc, history.test_acc
+    );
+    assert_eq!(first, expect);
+    assert!(
+        first.starts_with("loss ") && first.split(", ").count() == 3,
+        "{first}"
+    );
+    assert!(
+        second.ends_with(" examples/sec on [device(type='cpu')]"),
+        "{second}"
+    );
+    let json = serde_json::to_string(&history).unwrap();
+    assert!(json.contains("\"examples_per_sec\""));
+}
