@@ -53,3 +53,25 @@ fn save_creates_directories_and_names_the_path_on_error() {
     let err = png.save(&blocked).unwrap_err().to_string();
     assert!(err.contains("c.png"), "{err}");
 }
+
+#[test]
+fn show_images_makes_the_chapters_grid() {
+    // 16 images of different sizes and aspect ratios, as the chapter shows.
+    let imgs: Vec<image::RgbImage> = (0..16u32)
+        .map(|k| {
+            image::RgbImage::from_pixel(
+                50 + 30 * (k % 5),
+                40 + 25 * (k % 7),
+                image::Rgb([(k * 15) as u8, 80, 200]),
+            )
+        })
+        .collect();
+    let png = d2l::show_images(&imgs, 2, 8, 1.4).unwrap();
+    assert_eq!(png.size(), (1120, 280));
+    let grid = decode(&png);
+    // Cell (row 1, col 7) holds image 15 at its centre; corners of cells stay white.
+    assert_eq!(grid.get_pixel(7 * 140 + 70, 140 + 70).0, [225, 80, 200]);
+    assert_eq!(grid.get_pixel(1, 1).0, [255, 255, 255]);
+    let err = d2l::show_images(&imgs, 2, 7, 1.4).unwrap_err().to_string();
+    assert!(err.contains("16 images do not fit a 2 x 7 grid"), "{err}");
+}
