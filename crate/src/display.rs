@@ -144,7 +144,7 @@ pub fn show_images(
     num_cols: usize,
     scale: f64,
 ) -> Result<Png> {
-    if num_rows == 0 || num_cols == 0 || !(scale > 0.0) {
+    if num_rows == 0 || num_cols == 0 || scale.is_nan() || scale <= 0.0 {
         return Err(Error::Invalid(format!(
             "show_images: num_rows and num_cols must be at least 1 and scale positive, got {num_rows}, {num_cols}, {scale}"
         )));
