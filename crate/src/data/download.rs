@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Component, Path, PathBuf};
-use std::sync::RwLock;
+use std::sync::{LazyLock, RwLock};
 use std::time::{Duration, Instant};
 
 use sha1::{Digest, Sha1};
@@ -28,29 +28,32 @@ const MAX_EXTRACT_BYTES: u64 = 16 << 30;
 /// d2l::DATA_HUB.insert("hotdog", format!("{}hotdog.zip", d2l::DATA_URL), "fba480ffa8aa7e0febbb511d181409f899b9baa5");
 /// assert!(d2l::DATA_HUB.get("hotdog").is_some());
 /// ```
-pub static DATA_HUB: DataHub = DataHub(RwLock::new(None));
+pub static DATA_HUB: DataHub = DataHub(LazyLock::new(|| RwLock::new(builtin_hub())));
 
 /// The registry behind [`DATA_HUB`].
-pub struct DataHub(RwLock<Option<BTreeMap<String, (String, String)>>>);
+pub struct DataHub(LazyLock<RwLock<BTreeMap<String, (String, String)>>>);
 
 impl DataHub {
     /// Registers (or replaces) a data set.
     pub fn insert(&self, name: impl Into<String>, url: impl Into<String>, sha1: impl Into<String>) {
         let mut hub = self.0.write().unwrap_or_else(|e| e.into_inner());
-        let hub = hub.get_or_insert_with(builtin_hub);
         hub.insert(name.into(), (url.into(), sha1.into().to_ascii_lowercase()));
     }
 
     /// The URL and SHA-1 registered for `name`.
     pub fn get(&self, name: &str) -> Option<(String, String)> {
-        let mut hub = self.0.write().unwrap_or_else(|e| e.into_inner());
-        hub.get_or_insert_with(builtin_hub).get(name).cloned()
+        self.0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
     }
 
     /// The registered names, sorted.
     pub fn names(&self) -> Vec<String> {
-        let mut hub = self.0.write().unwrap_or_else(|e| e.into_inner());
-        hub.get_or_insert_with(builtin_hub)
+        self.0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
             .keys()
             .cloned()
             .collect()
