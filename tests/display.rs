@@ -66,12 +66,167 @@ fn show_images_makes_the_chapters_grid() {
             )
         })
         .collect();
-    let png = d2l::show_images(&imgs, 2, 8, 1.4).unwrap();
+    let png = d2l::show_images(&imgs, 2, 8, None, 1.4).unwrap();
     assert_eq!(png.size(), (1120, 280));
     let grid = decode(&png);
     // Cell (row 1, col 7) holds image 15 at its centre; corners of cells stay white.
     assert_eq!(grid.get_pixel(7 * 140 + 70, 140 + 70).0, [225, 80, 200]);
     assert_eq!(grid.get_pixel(1, 1).0, [255, 255, 255]);
-    let err = d2l::show_images(&imgs, 2, 7, 1.4).unwrap_err().to_string();
+    let err = d2l::show_images(&imgs, 2, 7, None, 1.4)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("16 images do not fit a 2 x 7 grid"), "{err}");
+}
+
+fn count(
+    img: &image::RgbImage,
+    rect: (u32, u32, u32, u32),
+    pred: impl Fn([u8; 3]) -> bool,
+) -> usize {
+    let (x0, y0, x1, y1) = rect;
+    (y0..y1)
+        .flat_map(|y| (x0..x1).map(move |x| (x, y)))
+        .filter(|&(x, y)| pred(img.get_pixel(x, y).0))
+        .count()
+}
+
+fn dark(p: [u8; 3]) -> bool {
+    p.iter().all(|&c| c < 90)
+}
+
+#[test]
+fn show_images_draws_titles_above_the_images_with_the_embedded_font() {
+    let imgs: Vec<image::RgbImage> = (0..4u32)
+        .map(|k| image::RgbImage::from_pixel(60 + 20 * k, 80, image::Rgb([40, 160, 40])))
+        .collect();
+    let titles: Vec<String> = ["hotdog / hotdog", "not-hotdog / hotdog", "a", "b"]
+        .map(String::from)
+        .to_vec();
+    let png = d2l::show_images(&imgs, 1, 4, Some(&titles), 1.4).unwrap();
+    assert_eq!(png.size(), (560, 140));
+    let grid = decode(&png);
+    // Black text in the title band of the first cell, none below it over the image's green.
+    let title_band = count(&grid, (0, 0, 140, 22), dark);
+    assert!(
+        title_band > 40,
+        "only {title_band} dark pixels in the title band"
+    );
+    assert_eq!(count(&grid, (0, 40, 140, 140), dark), 0);
+    // The image moved down to make room and is still centred in the rest of its cell.
+    assert_eq!(grid.get_pixel(70, 90).0, [40, 160, 40]);
+    let err = d2l::show_images(&imgs, 1, 4, Some(&titles[..3]), 1.4)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("3 titles for 4 images"), "{err}");
+}
+
+fn chapter_animator() -> d2l::Animator {
+    let mut animator = d2l::Animator::new()
+        .xlabel("epoch")
+        .xlim(1.0, 5.0)
+        .ylim(0.0, 1.0)
+        .legend(&["train loss", "train acc", "test acc"]);
+    for i in 1..=25 {
+        let x = i as f64 / 5.0;
+        animator.add(x, &[Some(0.9 / x), Some(1.0 - 0.3 / x), None]);
+        if i % 5 == 0 {
+            animator.add(x, &[None, None, Some(0.8 + 0.02 * x)]);
+        }
+    }
+    animator
+}
+
+#[test]
+fn animator_draws_the_chapters_curves_to_png_and_svg_of_the_expected_size() {
+    let animator = chapter_animator();
+    assert_eq!(animator.lines().len(), 3);
+    assert_eq!(animator.lines()[2].len(), 5);
+    let png = animator.to_png().unwrap();
+    assert_eq!(png.size(), (525, 375)); // 3.5 x 2.5 inches at 150 dpi
+    let img = decode(&png);
+    let all = (0, 0, 525, 375);
+    // Each line in its colour: matplotlib's C0 blue, magenta, green.
+    let near = |c: [u8; 3]| move |p: [u8; 3]| p.iter().zip(c).all(|(&a, b)| a.abs_diff(b) < 40);
+    for (name, colour) in [
+        ("blue", [0x1f, 0x77, 0xb4]),
+        ("magenta", [191, 0, 191]),
+        ("green", [0, 128, 0]),
+    ] {
+        let n = count(&img, all, near(colour));
+        assert!(n > 150, "{name} line: {n} pixels");
+    }
+    // Text (tick labels, "epoch", the legend) renders without system fonts: dark pixels below
+    // the plot area and inside the legend box.
+    let text = |p: [u8; 3]| p.iter().all(|&c| c < 128);
+    let xlabel = count(&img, (200, 345, 325, 375), text); // "epoch"
+    let legend = count(&img, (430, 255, 520, 325), text);
+    assert!(
+        xlabel > 60 && legend > 150,
+        "text pixels: xlabel {xlabel}, legend {legend}"
+    );
+    let dpi72 = animator.to_png_dpi(72.0).unwrap();
+    assert_eq!(dpi72.size(), (252, 180));
+
+    let svg = animator.to_svg().unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.contains(r#"width="350" height="250""#),
+        "{}",
+        &svg[..200]
+    );
+    for text in ["epoch", "train loss", "train acc", "test acc", "0.2", "1.0"] {
+        assert!(svg.contains(text), "{text:?} missing from the SVG");
+    }
+}
+
+#[test]
+fn animator_rejects_bad_formats_and_limits_with_clear_errors() {
+    let mut a = d2l::Animator::new().fmts(&["-", "q--"]);
+    a.add(1.0, &[Some(0.1), Some(0.2)]);
+    let err = a.to_png().unwrap_err().to_string();
+    assert!(err.contains("\"q--\"") && err.contains("bgrcmyk"), "{err}");
+    let err = d2l::Animator::new()
+        .xlim(2.0, 2.0)
+        .to_svg()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("[2, 2]"), "{err}");
+    let err = chapter_animator()
+        .save("curves.jpg")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("curves.jpg") && err.contains(".svg or .png"),
+        "{err}"
+    );
+    // No data and no limits still draws an empty frame.
+    assert_eq!(d2l::Animator::new().to_png().unwrap().size(), (525, 375));
+}
+
+#[test]
+fn figures_outside_a_notebook_are_saved_whole_and_their_place_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    d2l::set_figures_dir(dir.path().join("figs"));
+    let path = chapter_animator().show("train").unwrap().unwrap();
+    assert_eq!(path, dir.path().join("figs/train.png"));
+    assert_eq!(
+        decode(&d2l::Png::from_rgb(1, 1, &[0, 0, 0]).unwrap()).dimensions(),
+        (1, 1)
+    );
+    let png = image::open(&path).unwrap();
+    assert_eq!((png.width(), png.height()), (525, 375));
+    let svg = std::fs::read_to_string(dir.path().join("figs/train.svg")).unwrap();
+    assert!(svg.contains("test acc"));
+    let grid = d2l::show_images(&[image::RgbImage::new(4, 4)], 1, 1, None, 1.0).unwrap();
+    let saved = grid.show("grid").unwrap().unwrap();
+    assert_eq!(image::open(saved).unwrap().width(), 100);
+    // Only whole files: no temporary file is left next to them.
+    let names: Vec<String> = std::fs::read_dir(dir.path().join("figs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.iter().all(|n| !n.ends_with(".part")), "{names:?}");
+    assert_eq!(names.len(), 3, "{names:?}");
+    // Visual check of the look, kept in target/ for anyone who wants to see it.
+    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    chapter_animator().save(out.join("animator.png")).unwrap();
 }

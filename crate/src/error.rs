@@ -38,6 +38,12 @@ pub enum Error {
     /// A data set folder or one of its files cannot be used.
     #[error("{}: {msg}", path.display())]
     Dataset { path: PathBuf, msg: String },
+    /// A figure could not be drawn.
+    #[error("plot: {0}")]
+    Plot(String),
+    /// Training was stopped by Ctrl-C (or `d2l::train::request_stop`) between two steps.
+    #[error("interrupted at epoch {epoch}, batch {batch}: the model holds the weights of the last finished step; nothing half-written was kept")]
+    Interrupted { epoch: usize, batch: usize },
     /// A value is outside what the function accepts; the message says what to pass instead.
     #[error("{0}")]
     Invalid(String),

@@ -25,6 +25,9 @@ pub mod train;
 
 pub use data::{download, download_extract, DataLoader, ImageFolder, DATA_HUB, DATA_URL};
 pub use device::{device_repr, num_gpus, try_all_gpus, try_gpu, versions, Devices, Versions};
-pub use display::{evcxr_content, gradient_image, show_images, Png};
+pub use display::{
+    evcxr_content, figures_dir, gradient_image, in_notebook, set_figures_dir, show_images,
+    Animator, Png,
+};
 pub use error::{Error, Result};
 pub use tch;

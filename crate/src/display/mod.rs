@@ -1,6 +1,13 @@
-//! Showing results: PNG images, inline in an evcxr notebook or saved to a file.
+//! Showing results: image grids and training curves, inline in an evcxr notebook or saved to
+//! files outside one.
+mod animator;
+mod font;
+
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+
+pub use animator::Animator;
 
 use base64::Engine;
 use image::codecs::png::PngEncoder;
@@ -92,13 +99,23 @@ impl Png {
         (self.width, self.height)
     }
 
-    /// Writes the PNG to `path`, creating its parent directories.
+    /// Writes the PNG to `path`, creating its parent directories; the file appears whole or
+    /// not at all.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
-        let path = path.as_ref();
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        write_atomically(path.as_ref(), &self.bytes)
+    }
+
+    /// In a notebook, shows the image as the cell's output; elsewhere saves `name.png` into
+    /// [`figures_dir`] and prints where. Returns the saved path outside a notebook.
+    pub fn show(&self, name: &str) -> Result<Option<PathBuf>> {
+        if in_notebook() {
+            self.evcxr_display();
+            return Ok(None);
         }
-        std::fs::write(path, &self.bytes).map_err(|e| Error::io(path, e))
+        let path = figures_dir().join(format!("{name}.png"));
+        self.save(&path)?;
+        println!("saved figure {}", path.display());
+        Ok(Some(path))
     }
 
     /// Shows the image inline when it is the value of an evcxr cell.
@@ -120,6 +137,53 @@ impl std::fmt::Debug for Png {
     }
 }
 
+/// Whether this code runs inside an evcxr kernel (it sets `EVCXR_IS_RUNTIME` in the process
+/// that runs cells).
+pub fn in_notebook() -> bool {
+    std::env::var_os("EVCXR_IS_RUNTIME").is_some()
+}
+
+static FIGURES_DIR: RwLock<Option<PathBuf>> = RwLock::new(None);
+
+/// Where `show` saves figures outside a notebook: the folder given to [`set_figures_dir`], else
+/// `$D2L_FIGURES_DIR`, else `figures` in the working directory.
+pub fn figures_dir() -> PathBuf {
+    if let Some(dir) = FIGURES_DIR.read().ok().and_then(|d| d.clone()) {
+        return dir;
+    }
+    std::env::var_os("D2L_FIGURES_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("figures"))
+}
+
+/// Sets the folder `show` saves figures into outside a notebook.
+pub fn set_figures_dir(dir: impl Into<PathBuf>) {
+    if let Ok(mut d) = FIGURES_DIR.write() {
+        *d = Some(dir.into());
+    }
+}
+
+/// Writes `bytes` to a temporary file next to `path`, then renames it over `path`: a reader
+/// sees the old file or the new one, never half of one, even if the process is killed.
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) => dir,
+        None => Path::new("."),
+    };
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".d2l-")
+        .suffix(".part")
+        .tempfile_in(dir)
+        .map_err(|e| Error::io(dir, e))?;
+    tmp.write_all(bytes).map_err(|e| Error::io(tmp.path(), e))?;
+    tmp.as_file()
+        .sync_all()
+        .map_err(|e| Error::io(tmp.path(), e))?;
+    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    Ok(())
+}
+
 /// A test pattern: red grows from left to right, green from top to bottom, blue falls with red.
 ///
 /// # Shapes
@@ -133,25 +197,33 @@ pub fn gradient_image(height: i64, width: i64, device: Device) -> Tensor {
     Tensor::stack(&[&x, &y, &(1.0 - &x)], 0) // [3, h, w]
 }
 
-/// A grid of images (d2l's `show_images(imgs, num_rows, num_cols, scale)`): each image is fitted
-/// into its cell with its aspect ratio kept, on white, axes hidden. The grid is
-/// `num_cols * scale` by `num_rows * scale` inches at 100 dpi, as matplotlib draws it
-/// (`2 x 8` at scale 1.4: 1120 x 280 pixels). Show it with `evcxr_display` (the value of a cell)
-/// or save it.
+/// A grid of images (d2l's `show_images(imgs, num_rows, num_cols, titles, scale)`): each image
+/// is fitted into its cell with its aspect ratio kept, on white, axes hidden, with an optional
+/// title above it. The grid is `num_cols * scale` by `num_rows * scale` inches at 100 dpi, as
+/// matplotlib draws it (`2 x 8` at scale 1.4: 1120 x 280 pixels). Show it with `show` or
+/// `evcxr_display` (the value of a cell), or save it.
 pub fn show_images(
     imgs: &[image::RgbImage],
     num_rows: usize,
     num_cols: usize,
+    titles: Option<&[String]>,
     scale: f64,
 ) -> Result<Png> {
-    if num_rows == 0 || num_cols == 0 || scale.is_nan() || scale <= 0.0 {
+    if num_rows == 0 || num_cols == 0 || scale.is_nan() || scale <= 0.0 || scale > 100.0 {
         return Err(Error::Invalid(format!(
-            "show_images: num_rows and num_cols must be at least 1 and scale positive, got {num_rows}, {num_cols}, {scale}"
+            "show_images: num_rows and num_cols must be at least 1 and scale in (0, 100], got {num_rows}, {num_cols}, {scale}"
         )));
     }
     if imgs.len() > num_rows * num_cols {
         return Err(Error::Invalid(format!(
             "show_images: {} images do not fit a {num_rows} x {num_cols} grid",
+            imgs.len()
+        )));
+    }
+    if let Some(t) = titles.filter(|t| t.len() != imgs.len()) {
+        return Err(Error::Invalid(format!(
+            "show_images: {} titles for {} images; give one title an image",
+            t.len(),
             imgs.len()
         )));
     }
@@ -166,9 +238,17 @@ pub fn show_images(
     );
     // matplotlib leaves some space between subplots; 5% of a cell on each side looks alike.
     let pad = 0.05 * cell_w.min(cell_h);
+    // A title takes a line of text above its image (matplotlib's 12 pt at 100 dpi, scaled
+    // down with small cells).
+    let font_px = (cell_h * 0.11).clamp(7.0, 16.0);
+    let title_h = if titles.is_some() {
+        font_px * 1.35
+    } else {
+        0.0
+    };
     for (k, img) in imgs.iter().enumerate() {
         let (row, col) = (k / num_cols, k % num_cols);
-        let (box_w, box_h) = (cell_w - 2.0 * pad, cell_h - 2.0 * pad);
+        let (box_w, box_h) = (cell_w - 2.0 * pad, cell_h - 2.0 * pad - title_h);
         let fit = (box_w / img.width() as f64).min(box_h / img.height() as f64);
         let (w, h) = (
             ((img.width() as f64 * fit).round() as u32).max(1),
@@ -177,8 +257,47 @@ pub fn show_images(
         let resized =
             crate::data::transforms::resized_crop(img, 0, 0, img.height(), img.width(), (h, w))?;
         let x = (col as f64 * cell_w + (cell_w - w as f64) / 2.0).round() as i64;
-        let y = (row as f64 * cell_h + (cell_h - h as f64) / 2.0).round() as i64;
+        let y =
+            (row as f64 * cell_h + title_h + (cell_h - title_h - h as f64) / 2.0).round() as i64;
         image::imageops::replace(&mut canvas, &resized, x, y);
     }
+    if let Some(titles) = titles {
+        draw_titles(
+            &mut canvas,
+            titles,
+            num_cols,
+            (cell_w, cell_h),
+            pad,
+            font_px,
+        )?;
+    }
     Png::from_rgb(width, height, canvas.as_raw())
+}
+
+fn draw_titles(
+    canvas: &mut image::RgbImage,
+    titles: &[String],
+    num_cols: usize,
+    (cell_w, cell_h): (f64, f64),
+    pad: f64,
+    font_px: f64,
+) -> Result<()> {
+    use plotters::prelude::*;
+    use plotters::style::text_anchor::{HPos, Pos, VPos};
+    font::ensure()?;
+    let (w, h) = canvas.dimensions();
+    let root = BitMapBackend::with_buffer(canvas.as_mut(), (w, h)).into_drawing_area();
+    let style = TextStyle::from((font::FAMILY, font_px).into_font())
+        .color(&BLACK)
+        .pos(Pos::new(HPos::Center, VPos::Top));
+    for (k, title) in titles.iter().enumerate() {
+        let (row, col) = (k / num_cols, k % num_cols);
+        let at = (
+            (col as f64 * cell_w + cell_w / 2.0).round() as i32,
+            (row as f64 * cell_h + pad).round() as i32,
+        );
+        root.draw(&Text::new(title.as_str(), at, style.clone()))
+            .map_err(|e| Error::Plot(e.to_string()))?;
+    }
+    root.present().map_err(|e| Error::Plot(e.to_string()))
 }
