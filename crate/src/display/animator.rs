@@ -252,7 +252,7 @@ impl Animator {
 
     fn check(&self) -> Result<()> {
         let lims = [self.xlim, self.ylim];
-        if let Some((lo, hi)) = lims.into_iter().flatten().find(|(lo, hi)| !(lo < hi)) {
+        if let Some((lo, hi)) = lims.into_iter().flatten().find(|(lo, hi)| lo.partial_cmp(hi) != Some(std::cmp::Ordering::Less)) {
             return Err(Error::Invalid(format!(
                 "Animator: an axis limit [{lo}, {hi}] is empty; give lo < hi"
             )));
@@ -398,7 +398,7 @@ impl Animator {
 /// Decimals that tell ticks `(hi - lo) / (n - 1)` apart: 0 for 1..5, 1 for 0..1 in 6 ticks.
 fn decimals(lo: f64, hi: f64, n: usize) -> usize {
     let step = (hi - lo) / (n.max(2) - 1) as f64;
-    if !(step > 0.0) || !step.is_finite() {
+    if step.is_nan() || step <= 0.0 || !step.is_finite() {
         return 1;
     }
     (-step.log10().floor()).clamp(0.0, 6.0) as usize
