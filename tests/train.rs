@@ -34,9 +34,7 @@ fn accumulator_timer_and_accuracy_behave_like_d2l() {
     assert_eq!(accuracy(&y_hat, &y).unwrap(), 2.0);
 }
 
-#[test]
-fn tiny_run_gives_history_and_d2l_result_lines() {
-    let dir = tempfile::tempdir().unwrap();
+fn tiny_loaders(dir: &std::path::Path) -> (DataLoader, DataLoader) {
     let cfg = HotdogConfig {
         train_per_class: 6,
         test_per_class: 2,
@@ -44,7 +42,7 @@ fn tiny_run_gives_history_and_d2l_result_lines() {
         max_side: 40,
         seed: 2,
     };
-    let root = make_hotdog_dataset(dir.path(), &cfg).unwrap();
+    let root = make_hotdog_dataset(dir, &cfg).unwrap();
     let augs = Compose::new()
         .then(RandomResizedCrop::new(16))
         .then(ToTensor)
@@ -58,6 +56,14 @@ fn tiny_run_gives_history_and_d2l_result_lines() {
         .shuffle(true);
     let test_iter =
         DataLoader::new(ImageFolder::new(root.join("test")).unwrap(), test_augs, 4).unwrap();
+    (train_iter, test_iter)
+}
+
+#[test]
+fn tiny_run_gives_history_and_d2l_result_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    d2l::set_figures_dir(dir.path().join("figures"));
+    let (train_iter, test_iter) = tiny_loaders(dir.path());
     let vs = VarStore::new(Device::Cpu);
     let net = resnet18(&vs.root(), 2);
     let mut trainer = sgd(&vs, 1e-3, 1e-3, true).unwrap();
@@ -107,4 +113,49 @@ fn tiny_run_gives_history_and_d2l_result_lines() {
     );
     let json = serde_json::to_string(&history).unwrap();
     assert!(json.contains("\"examples_per_sec\""));
+    assert_eq!(history.config["batch_size"], "4");
+    assert_eq!(history.config["num_batches"], "3");
+    assert_eq!(history.config["train_examples"], "12");
+    // Outside a notebook the curves were saved, PNG and SVG.
+    let figs: Vec<String> = std::fs::read_dir(dir.path().join("figures"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        figs.iter()
+            .any(|f| f.starts_with("train_ch13-") && f.ends_with(".png")),
+        "{figs:?}"
+    );
+    assert!(figs.iter().any(|f| f.ends_with(".svg")), "{figs:?}");
+    let curves = history.animator();
+    assert_eq!(curves.lines().len(), 3);
+    assert_eq!(curves.lines()[2].len(), 2); // test acc once an epoch
+}
+
+#[test]
+fn train_ch13_on_two_devices_splits_batches_and_names_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train_iter, test_iter) = tiny_loaders(dir.path());
+    let vs = VarStore::new(Device::Cpu);
+    let net = resnet18(&vs.root(), 2);
+    let mut trainer = sgd(&vs, 1e-3, 1e-3, true).unwrap();
+    let devices = d2l::Devices(vec![Device::Cpu, Device::Cpu]);
+    let opts = TrainOptions {
+        no_figure: true,
+        quiet: true,
+        ..TrainOptions::default()
+    };
+    let history = train_ch13_with(
+        &net,
+        &train_iter,
+        &test_iter,
+        cross_entropy,
+        &mut trainer,
+        1,
+        &devices,
+        &opts,
+    )
+    .unwrap();
+    assert_eq!(history.devices, "[device(type='cpu'), device(type='cpu')]");
+    assert!(history.train_loss.is_finite() && history.points.len() == 4);
 }

@@ -252,7 +252,11 @@ impl Animator {
 
     fn check(&self) -> Result<()> {
         let lims = [self.xlim, self.ylim];
-        if let Some((lo, hi)) = lims.into_iter().flatten().find(|(lo, hi)| lo.partial_cmp(hi) != Some(std::cmp::Ordering::Less)) {
+        if let Some((lo, hi)) = lims
+            .into_iter()
+            .flatten()
+            .find(|(lo, hi)| lo.partial_cmp(hi) != Some(std::cmp::Ordering::Less))
+        {
             return Err(Error::Invalid(format!(
                 "Animator: an axis limit [{lo}, {hi}] is empty; give lo < hi"
             )));

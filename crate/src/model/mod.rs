@@ -1,4 +1,5 @@
 //! Models and their weights: torchvision's ResNet-18 and PyTorch's state-dict files.
+mod checkpoint;
 mod pth;
 mod resnet;
 mod source;
@@ -10,6 +11,7 @@ use std::path::Path;
 use tch::nn::VarStore;
 use tch::Tensor;
 
+pub use checkpoint::{checkpoint_paths, save_checkpoint, CheckpointConfig, Classifier, Prediction};
 pub use pth::read_pth;
 pub use resnet::{linear, resnet18, Linear, ResNet};
 pub use source::{pretrain_source_model, SourceModel, SourceModelConfig};

@@ -175,6 +175,71 @@ impl ResNet {
     }
 }
 
+impl ResNet {
+    /// Every tensor of the model, parameters and BatchNorm buffers, with torchvision's names,
+    /// in a fixed order (shallow copies: they share storage with the model).
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        fn conv(out: &mut Vec<(String, Tensor)>, name: &str, c: &nn::Conv2D) {
+            out.push((format!("{name}.weight"), c.ws.shallow_clone()));
+            if let Some(b) = &c.bs {
+                out.push((format!("{name}.bias"), b.shallow_clone()));
+            }
+        }
+        fn bn(out: &mut Vec<(String, Tensor)>, name: &str, b: &nn::BatchNorm) {
+            for (what, t) in [("weight", &b.ws), ("bias", &b.bs)] {
+                if let Some(t) = t {
+                    out.push((format!("{name}.{what}"), t.shallow_clone()));
+                }
+            }
+            out.push((
+                format!("{name}.running_mean"),
+                b.running_mean.shallow_clone(),
+            ));
+            out.push((format!("{name}.running_var"), b.running_var.shallow_clone()));
+        }
+        let mut out = Vec::with_capacity(102);
+        conv(&mut out, "conv1", &self.conv1);
+        bn(&mut out, "bn1", &self.bn1);
+        for (i, layer) in self.layers.iter().enumerate() {
+            for (j, block) in layer.iter().enumerate() {
+                let p = format!("layer{}.{j}", i + 1);
+                conv(&mut out, &format!("{p}.conv1"), &block.conv1);
+                bn(&mut out, &format!("{p}.bn1"), &block.bn1);
+                conv(&mut out, &format!("{p}.conv2"), &block.conv2);
+                bn(&mut out, &format!("{p}.bn2"), &block.bn2);
+                if let Some((c, b)) = &block.downsample {
+                    conv(&mut out, &format!("{p}.downsample.0"), c);
+                    bn(&mut out, &format!("{p}.downsample.1"), b);
+                }
+            }
+        }
+        out.push(("fc.weight".to_owned(), self.fc.ws.shallow_clone()));
+        out.push(("fc.bias".to_owned(), self.fc.bs.shallow_clone()));
+        out
+    }
+}
+
+impl crate::train::Replicate for ResNet {
+    fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        ResNet::named_tensors(self)
+    }
+
+    fn replicate(&self, device: tch::Device) -> crate::Result<(nn::VarStore, ResNet)> {
+        let vs = nn::VarStore::new(device);
+        let copy = resnet18(&vs.root(), self.fc.out_features);
+        let src = ResNet::named_tensors(self);
+        tch::no_grad(|| -> crate::Result<()> {
+            for ((_, dst), (_, src)) in copy.named_tensors().iter().zip(&src) {
+                let mut dst = dst.shallow_clone();
+                dst.f_copy_(src)?;
+                let _ = dst.set_requires_grad(src.requires_grad());
+            }
+            Ok(())
+        })?;
+        Ok((vs, copy))
+    }
+}
+
 impl ModuleT for ResNet {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
         nn::Module::forward(&self.fc, &self.features(xs, train))

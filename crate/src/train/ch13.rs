@@ -1,13 +1,20 @@
 //! d2l's `train_ch13` and `evaluate_accuracy_gpu`: the chapter's training loop, its metrics and
 //! its two result lines, with a history that can be saved and compared.
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use serde::{Deserialize, Serialize};
 use tch::nn::{ModuleT, Optimizer};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
+use super::parallel::{
+    convert_channels_last, to_device, with_precision, DataParallel, Replicate, StepOptions,
+};
 use super::{accuracy, Accumulator, Timer};
 use crate::data::DataLoader;
 use crate::device::{device_repr, Devices};
-use crate::error::Result;
+use crate::display::Animator;
+use crate::error::{Error, Result};
 
 /// Test accuracy of `net` over `data_iter`, in eval mode without gradients (d2l's
 /// `evaluate_accuracy_gpu`).
@@ -16,12 +23,23 @@ pub fn evaluate_accuracy_gpu(
     data_iter: &DataLoader,
     device: tch::Device,
 ) -> Result<f64> {
+    evaluate_accuracy_with(net, data_iter, device, &StepOptions::default())
+}
+
+/// [`evaluate_accuracy_gpu`] with the step options (precision, layout) training used.
+pub fn evaluate_accuracy_with(
+    net: &impl ModuleT,
+    data_iter: &DataLoader,
+    device: tch::Device,
+    opts: &StepOptions,
+) -> Result<f64> {
     let mut metric = Accumulator::new(2);
     tch::no_grad(|| -> Result<()> {
         for batch in data_iter {
             let (x, y) = batch?;
-            let (x, y) = (x.f_to_device(device)?, y.f_to_device(device)?);
-            metric.add(&[accuracy(&net.forward_t(&x, false), &y)?, y.numel() as f64]);
+            let (x, y) = (to_device(&x, device, opts)?, y.f_to_device(device)?);
+            let correct = with_precision(opts.bf16, || accuracy(&net.forward_t(&x, false), &y))?;
+            metric.add(&[correct, y.numel() as f64]);
         }
         Ok(())
     })?;
@@ -59,9 +77,42 @@ pub struct History {
     pub examples_per_sec: f64,
     /// Python's repr of the device list, `[device(type='cuda', index=0)]`.
     pub devices: String,
+    /// What the run was: epochs, batch size, batches an epoch, step options, and what the
+    /// caller added ([`TrainOptions::config`]: learning rate, profile, ...).
+    pub config: BTreeMap<String, String>,
+}
+
+/// Options of [`train_ch13_with`] beyond d2l's arguments.
+#[derive(Clone, Debug, Default)]
+pub struct TrainOptions {
+    /// Precision, layout and copy options of each step.
+    pub step: StepOptions,
+    /// The name of the final figure: shown in a notebook, saved as `<figure>.png`/`.svg`
+    /// elsewhere. `None`: `train_ch13-1`, `train_ch13-2`, ... in the order of runs.
+    pub figure: Option<String>,
+    /// Draw no figure at the end.
+    pub no_figure: bool,
+    /// Print no progress lines (the two result lines are still printed).
+    pub quiet: bool,
+    /// Entries copied into [`History::config`].
+    pub config: BTreeMap<String, String>,
 }
 
 impl History {
+    /// d2l's figure of this run: `train loss`, `train acc` and `test acc` over `epoch`, x from 1
+    /// to `num_epochs`, y from 0 to 1.
+    pub fn animator(&self) -> Animator {
+        let mut animator = Animator::new()
+            .xlabel("epoch")
+            .xlim(1.0, self.num_epochs.max(2) as f64)
+            .ylim(0.0, 1.0)
+            .legend(&["train loss", "train acc", "test acc"]);
+        for p in &self.points {
+            animator.add(p.x, &[p.train_loss, p.train_acc, p.test_acc]);
+        }
+        animator
+    }
+
     /// d2l's two result lines: `loss 0.177, train acc 0.928, test acc 0.941` and
     /// `296.9 examples/sec on [device(type='cuda', index=0)]`.
     pub fn result_lines(&self) -> [String; 2] {
@@ -88,27 +139,63 @@ pub fn train_batch_ch13(
     trainer: &mut Optimizer,
     devices: &Devices,
 ) -> Result<(f64, f64)> {
-    let (x, y) = (x.f_to_device(devices[0])?, y.f_to_device(devices[0])?);
+    let &[device] = &devices[..] else {
+        return Err(Error::Invalid(format!(
+            "train_batch_ch13 runs on one device, got {devices}; for several use train::DataParallel (train_ch13 does)"
+        )));
+    };
+    let (x, y) = (x.f_to_device(device)?, y.f_to_device(device)?);
     trainer.zero_grad();
     let pred = net.forward_t(&x, true);
-    let l = loss(&pred, &y)?.f_sum(Kind::Float)?;
+    let l = loss(&pred, &y)?.f_sum(tch::Kind::Float)?;
     l.f_backward()?;
     trainer.step();
     Ok((l.f_double_value(&[])?, accuracy(&pred, &y)?))
 }
 
 /// Trains `net` for `num_epochs` (d2l's `train_ch13`), printing a progress line at each plot
-/// point and d2l's two result lines at the end; returns the [`History`].
+/// point and d2l's two result lines at the end, then showing the curves (inline in a notebook,
+/// saved to files elsewhere); returns the [`History`]. With several devices the batches are split
+/// across them as `nn.DataParallel` does (see [`DataParallel`]).
 #[allow(clippy::too_many_arguments)]
-pub fn train_ch13(
-    net: &impl ModuleT,
+pub fn train_ch13<N: Replicate>(
+    net: &N,
     train_iter: &DataLoader,
     test_iter: &DataLoader,
-    loss: impl Fn(&Tensor, &Tensor) -> Result<Tensor> + Copy,
+    loss: impl Fn(&Tensor, &Tensor) -> Result<Tensor> + Copy + Send + Sync,
     trainer: &mut Optimizer,
     num_epochs: usize,
     devices: &Devices,
 ) -> Result<History> {
+    let opts = TrainOptions::default();
+    train_ch13_with(
+        net, train_iter, test_iter, loss, trainer, num_epochs, devices, &opts,
+    )
+}
+
+/// [`train_ch13`] with [`TrainOptions`]: precision and layout, figure name, quiet mode, and
+/// configuration recorded in the history.
+///
+/// Stops with [`Error::Interrupted`] between two steps when a stop was requested (Ctrl-C with
+/// [`install_ctrl_c_handler`](super::install_ctrl_c_handler)); the model keeps the weights of
+/// the last finished step.
+#[allow(clippy::too_many_arguments)]
+pub fn train_ch13_with<N: Replicate>(
+    net: &N,
+    train_iter: &DataLoader,
+    test_iter: &DataLoader,
+    loss: impl Fn(&Tensor, &Tensor) -> Result<Tensor> + Copy + Send + Sync,
+    trainer: &mut Optimizer,
+    num_epochs: usize,
+    devices: &Devices,
+    opts: &TrainOptions,
+) -> Result<History> {
+    static RUNS: AtomicUsize = AtomicUsize::new(0);
+    let run = RUNS.fetch_add(1, Ordering::SeqCst) + 1;
+    if opts.step.channels_last {
+        convert_channels_last(net)?;
+    }
+    let mut parallel = DataParallel::new(net, devices)?;
     let mut timer = Timer::new();
     let num_batches = train_iter.len();
     let points_at = plot_points(num_batches);
@@ -123,9 +210,15 @@ pub fn train_ch13(
     for epoch in 0..num_epochs {
         metric.reset();
         for (i, batch) in train_iter.iter().enumerate() {
+            if super::interrupt::take_stop() {
+                return Err(Error::Interrupted {
+                    epoch: epoch + 1,
+                    batch: i,
+                });
+            }
             let (x, y) = batch?;
             timer.start();
-            let (l, acc) = train_batch_ch13(net, &x, &y, loss, trainer, devices)?;
+            let (l, acc) = parallel.train_batch(&x, &y, loss, trainer, &opts.step)?;
             metric.add(&[l, acc, y.size()[0] as f64, y.numel() as f64]);
             timer.stop();
             seen += y.size()[0] as f64;
@@ -135,12 +228,14 @@ pub fn train_ch13(
                 let done = epoch * num_batches + i + 1;
                 let elapsed = start.elapsed().as_secs_f64();
                 let eta = elapsed / done as f64 * (total_batches - done) as f64;
-                println!(
-                    "epoch {x:.2}/{num_epochs} (batch {}/{num_batches}): loss {train_loss:.3}, train acc {train_acc:.3}, \
-                     {:.1} examples/sec, {elapsed:.0} s elapsed, ETA {eta:.0} s",
-                    i + 1,
-                    seen / timer.sum().max(1e-9)
-                );
+                if !opts.quiet {
+                    println!(
+                        "epoch {x:.2}/{num_epochs} (batch {}/{num_batches}): loss {train_loss:.3}, train acc {train_acc:.3}, \
+                         {:.1} examples/sec, {elapsed:.0} s elapsed, ETA {eta:.0} s",
+                        i + 1,
+                        seen / timer.sum().max(1e-9)
+                    );
+                }
                 points.push(Point {
                     x,
                     train_loss: Some(train_loss),
@@ -149,7 +244,10 @@ pub fn train_ch13(
                 });
             }
         }
-        test_acc = evaluate_accuracy_gpu(net, test_iter, devices[0])?;
+        test_acc = evaluate_accuracy_with(net, test_iter, devices[0], &opts.step)?;
+        if !opts.quiet {
+            println!("epoch {}/{num_epochs}: test acc {test_acc:.3}", epoch + 1);
+        }
         points.push(Point {
             x: (epoch + 1) as f64,
             train_loss: None,
@@ -165,6 +263,18 @@ pub fn train_ch13(
             .collect::<Vec<_>>()
             .join(", ")
     );
+    let mut config = opts.config.clone();
+    for (k, v) in [
+        ("num_epochs", num_epochs.to_string()),
+        ("batch_size", train_iter.batch_size().to_string()),
+        ("num_batches", num_batches.to_string()),
+        ("train_examples", train_iter.dataset().len().to_string()),
+        ("test_examples", test_iter.dataset().len().to_string()),
+        ("bf16", opts.step.bf16.to_string()),
+        ("channels_last", opts.step.channels_last.to_string()),
+    ] {
+        config.entry(k.to_owned()).or_insert(v);
+    }
     let history = History {
         points,
         num_epochs,
@@ -173,9 +283,17 @@ pub fn train_ch13(
         test_acc,
         examples_per_sec: metric[2] * num_epochs as f64 / timer.sum().max(1e-9),
         devices: devices_repr,
+        config,
     };
     for line in history.result_lines() {
         println!("{line}");
+    }
+    if !opts.no_figure {
+        let name = opts
+            .figure
+            .clone()
+            .unwrap_or_else(|| format!("train_ch13-{run}"));
+        history.animator().show(&name)?;
     }
     Ok(history)
 }

@@ -1,8 +1,19 @@
-//! Training: the chapter's loss, optimiser and loop with PyTorch's and d2l's semantics.
+//! Training: the chapter's loss, optimiser and loop with PyTorch's and d2l's semantics, data
+//! parallel over several devices, and a clean stop on Ctrl-C.
 mod ch13;
+mod interrupt;
 mod loss;
 mod metrics;
+mod parallel;
 
-pub use ch13::{evaluate_accuracy_gpu, plot_points, train_batch_ch13, train_ch13, History, Point};
+pub use ch13::{
+    evaluate_accuracy_gpu, evaluate_accuracy_with, plot_points, train_batch_ch13, train_ch13,
+    train_ch13_with, History, Point, TrainOptions,
+};
+pub use interrupt::{install_ctrl_c_handler, request_stop, stop_requested};
 pub use loss::{cross_entropy, sgd};
 pub use metrics::{accuracy, Accumulator, Timer};
+pub use parallel::{
+    convert_channels_last, cuda_autocast_kind, set_cuda_autocast_bf16, to_channels_last,
+    with_precision, DataParallel, Replicate, StepOptions,
+};

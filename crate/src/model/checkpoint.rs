@@ -1,0 +1,258 @@
+//! Saving a fine-tuned model and classifying single images with it.
+//!
+//! A checkpoint is two files: `<name>.safetensors` (every tensor, torchvision's names) and
+//! `<name>.json` (architecture, class names, the test transform, the SHA-256 of the weights
+//! file). Each is written under a temporary name and renamed, and loading checks the hash, so
+//! an interrupted save never passes for a good checkpoint.
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use image::RgbImage;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tch::nn::{ModuleT, VarStore};
+use tch::{Device, Kind, Tensor};
+
+use super::{resnet18, ResNet};
+use crate::data::transforms::{
+    CenterCrop, Compose, Normalize, Resize, Sample, ToTensor, Transform,
+};
+use crate::error::{Error, Result};
+
+/// What a checkpoint's JSON file holds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointConfig {
+    /// `"resnet18"`.
+    pub arch: String,
+    /// Class names in label order (the `ImageFolder`'s classes).
+    pub classes: Vec<String>,
+    /// The test transform: `Resize([resize, resize])`, `CenterCrop(crop)`, `ToTensor`,
+    /// `Normalize(mean, std)`.
+    pub resize: u32,
+    pub crop: u32,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+    /// SHA-256 of the `.safetensors` file, checked on load.
+    pub weights_sha256: String,
+    /// Anything else worth keeping (profile, learning rate, test accuracy).
+    #[serde(default)]
+    pub notes: BTreeMap<String, String>,
+}
+
+/// The two files of a checkpoint named `stem` (`dir/hotdog` -> `dir/hotdog.safetensors`,
+/// `dir/hotdog.json`).
+pub fn checkpoint_paths(stem: &Path) -> (PathBuf, PathBuf) {
+    let with = |ext: &str| {
+        let mut name = stem.file_name().unwrap_or_default().to_os_string();
+        name.push(ext);
+        stem.with_file_name(name)
+    };
+    (with(".safetensors"), with(".json"))
+}
+
+fn sha256_file(path: &Path) -> Result<String> {
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(format!("{:x}", hasher.finalize()))
+}
+
+/// Saves `net` as a checkpoint named `stem` with the chapter's test transform (`Resize` to
+/// `resize`, `CenterCrop` to `crop`, ImageNet normalisation). Returns the two paths.
+pub fn save_checkpoint(
+    net: &ResNet,
+    stem: impl AsRef<Path>,
+    classes: &[String],
+    (resize, crop): (u32, u32),
+    notes: BTreeMap<String, String>,
+) -> Result<(PathBuf, PathBuf)> {
+    let stem = stem.as_ref();
+    if classes.len() as i64 != net.fc.out_features {
+        return Err(Error::Invalid(format!(
+            "save_checkpoint: {} class names for a model with {} outputs",
+            classes.len(),
+            net.fc.out_features
+        )));
+    }
+    if crop == 0 || crop > resize {
+        return Err(Error::Invalid(format!(
+            "save_checkpoint: crop {crop} must be between 1 and resize {resize}"
+        )));
+    }
+    let (weights, json) = checkpoint_paths(stem);
+    let dir = match weights.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(d) => d.to_owned(),
+        None => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    // Contiguous CPU copies: channels-last or GPU tensors are saved in the standard layout.
+    let tensors = tch::no_grad(|| -> Result<Vec<(String, Tensor)>> {
+        net.named_tensors()
+            .into_iter()
+            .map(|(n, t)| Ok((n, t.f_to_device(Device::Cpu)?.f_contiguous()?)))
+            .collect()
+    })?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".d2l-")
+        .suffix(".safetensors.part")
+        .tempfile_in(&dir)
+        .map_err(|e| Error::io(&dir, e))?;
+    Tensor::write_safetensors(&tensors, tmp.path()).map_err(|e| Error::Weights {
+        path: weights.clone(),
+        msg: e.to_string(),
+    })?;
+    let config = CheckpointConfig {
+        arch: "resnet18".into(),
+        classes: classes.to_vec(),
+        resize,
+        crop,
+        mean: [0.485, 0.456, 0.406],
+        std: [0.229, 0.224, 0.225],
+        weights_sha256: sha256_file(tmp.path())?,
+        notes,
+    };
+    tmp.persist(&weights)
+        .map_err(|e| Error::io(&weights, e.error))?;
+    let text = serde_json::to_string_pretty(&config)
+        .map_err(|e| Error::Invalid(format!("save_checkpoint: {e}")))?;
+    crate::display::write_atomically(&json, text.as_bytes())?;
+    Ok((weights, json))
+}
+
+/// One image's class.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Prediction {
+    pub class: String,
+    pub index: usize,
+    /// Softmax probability of `class`.
+    pub probability: f64,
+    /// Softmax probabilities of all classes, in class order.
+    pub probabilities: Vec<f64>,
+}
+
+impl std::fmt::Display for Prediction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({:.1}%)", self.class, 100.0 * self.probability)
+    }
+}
+
+/// A saved model ready to classify images.
+pub struct Classifier {
+    _vs: VarStore,
+    net: ResNet,
+    config: CheckpointConfig,
+    transform: Compose,
+    device: Device,
+}
+
+impl Classifier {
+    /// Loads the checkpoint named `stem` (its `.json` or `.safetensors` path works too) onto
+    /// `device`.
+    pub fn load(stem: impl AsRef<Path>, device: Device) -> Result<Classifier> {
+        let stem = stem.as_ref();
+        let stem = match stem.extension().and_then(|e| e.to_str()) {
+            Some("json" | "safetensors") => stem.with_extension(""),
+            _ => stem.to_owned(),
+        };
+        let (weights, json) = checkpoint_paths(&stem);
+        let text = std::fs::read_to_string(&json).map_err(|e| Error::io(&json, e))?;
+        let config: CheckpointConfig = serde_json::from_str(&text).map_err(|e| Error::Weights {
+            path: json.clone(),
+            msg: format!("not a checkpoint description: {e}"),
+        })?;
+        if config.arch != "resnet18" || config.classes.is_empty() {
+            return Err(Error::Weights {
+                path: json,
+                msg: format!(
+                    "arch {:?} with {} classes; only resnet18 with at least one class loads",
+                    config.arch,
+                    config.classes.len()
+                ),
+            });
+        }
+        let actual = sha256_file(&weights)?;
+        if actual != config.weights_sha256 {
+            return Err(Error::Weights {
+                path: weights,
+                msg: format!(
+                    "SHA-256 {actual} differs from {} in {}: the two files are not from one save; save the model again",
+                    config.weights_sha256,
+                    json.display()
+                ),
+            });
+        }
+        let vs = VarStore::new(device);
+        let net = resnet18(&vs.root(), config.classes.len() as i64);
+        let state = Tensor::read_safetensors(&weights).map_err(|e| Error::Weights {
+            path: weights.clone(),
+            msg: e.to_string(),
+        })?;
+        super::load_state_dict(&vs, &state, &[], &weights)?;
+        let transform = Compose::new()
+            .then(Resize::new(config.resize, config.resize))
+            .then(CenterCrop::new(config.crop))
+            .then(ToTensor)
+            .then(Normalize::new(config.mean, config.std));
+        Ok(Classifier {
+            _vs: vs,
+            net,
+            config,
+            transform,
+            device,
+        })
+    }
+
+    /// The checkpoint's description.
+    pub fn config(&self) -> &CheckpointConfig {
+        &self.config
+    }
+
+    /// The model.
+    pub fn net(&self) -> &ResNet {
+        &self.net
+    }
+
+    /// Classifies the image file at `path`.
+    pub fn predict(&self, path: impl AsRef<Path>) -> Result<Prediction> {
+        let img = crate::data::load_rgb(path.as_ref())?;
+        self.predict_image(&img)
+    }
+
+    /// Classifies an image.
+    pub fn predict_image(&self, img: &RgbImage) -> Result<Prediction> {
+        let mut rng = rand::rngs::mock::StepRng::new(0, 0);
+        let Sample::Tensor(t) = self.transform.apply(Sample::Image(img.clone()), &mut rng)? else {
+            return Err(Error::Invalid("the test transform gave no tensor".into()));
+        };
+        let x = Tensor::from_slice(&t.data)
+            .f_reshape([1, 3, t.height as i64, t.width as i64])?
+            .f_to_device(self.device)?;
+        let probs = tch::no_grad(|| -> Result<Tensor> {
+            Ok(self
+                .net
+                .forward_t(&x, false)
+                .f_softmax(-1, Kind::Float)?
+                .f_to_device(Device::Cpu)?)
+        })?;
+        let probabilities = Vec::<f64>::try_from(probs.f_flatten(0, -1)?.f_to_kind(Kind::Double)?)?;
+        let (index, &probability) = probabilities
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .ok_or_else(|| Error::Invalid("the model has no outputs".into()))?;
+        Ok(Prediction {
+            class: self.config.classes[index].clone(),
+            index,
+            probability,
+            probabilities,
+        })
+    }
+}
