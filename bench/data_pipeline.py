@@ -43,8 +43,8 @@ def rust(folder, workers, batch, epochs):
     return result
 
 
-def pil(folder, workers, batch, epochs):
-    augs = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(),
+def pil(folder, workers, batch, epochs, size=224):
+    augs = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(),
                       T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
     data = torchvision.datasets.ImageFolder(folder, transform=augs)
     loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=True, num_workers=workers)
@@ -70,7 +70,15 @@ def main():
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--epochs", type=int, default=3, help="passes over the data in each timed run")
     ap.add_argument("--out", default=str(ROOT / "target" / "bench" / "data_pipeline.json"))
+    ap.add_argument("--one", metavar="FOLDER", help="one torchvision run over FOLDER: print its JSON and stop "
+                    "(bench/compare.py uses it)")
+    ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--size", type=int, default=224)
     args = ap.parse_args()
+    if args.one:
+        torch.set_num_threads(1)
+        print(json.dumps(pil(args.one, args.workers, args.batch, 1, args.size)))
+        return 0
 
     subprocess.run(["cargo", "build", "--release", "--quiet", "--example", "bench_data"], cwd=ROOT, check=True)
     made = subprocess.run([BIN, "make", args.data, str(args.per_class)], capture_output=True, text=True, check=True)

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo run --release --example bench_data -- make DIR [PER_CLASS]   # the hotdog-like set
-//! cargo run --release --example bench_data -- run DIR WORKERS [BATCH] [EPOCHS]
+//! cargo run --release --example bench_data -- run DIR WORKERS [BATCH] [EPOCHS] [SIZE]
 //! ```
 use std::time::Instant;
 
@@ -28,9 +28,9 @@ fn main() -> d2l::Result<()> {
             println!("{}", root.display());
         }
         Some("run") => {
-            let (workers, batch, epochs) = (arg(2, 0), arg(3, 32), arg(4, 1));
+            let (workers, batch, epochs, size) = (arg(2, 0), arg(3, 32), arg(4, 1), arg(5, 224));
             let train_augs = Compose::new()
-                .then(RandomResizedCrop::new(224))
+                .then(RandomResizedCrop::new(size as u32))
                 .then(RandomHorizontalFlip::new(0.5))
                 .then(ToTensor)
                 .then(Normalize::imagenet());
@@ -57,7 +57,7 @@ fn main() -> d2l::Result<()> {
             );
         }
         _ => {
-            eprintln!("usage: bench_data make DIR [PER_CLASS] | bench_data run DIR WORKERS [BATCH] [EPOCHS]");
+            eprintln!("usage: bench_data make DIR [PER_CLASS] | bench_data run DIR WORKERS [BATCH] [EPOCHS] [SIZE]");
             std::process::exit(2);
         }
     }

@@ -3,8 +3,10 @@
 
 For each notebook it writes the executed `.ipynb` and a self-contained `.html` (images embedded)
 under target/notebooks/, also when it fails, so the failure can be read there. A notebook fails on
-a compile error, an error output, a panic, or a missing expected output: its metadata can list
-MIME types that must appear (`"d2l": {"expect_outputs": ["image/png"]}`). Ends with
+a compile error, an error output, a panic, or a missing expected output. Its metadata can say what
+must appear: MIME types (`"d2l": {"expect_outputs": ["image/png"]}`), at least N images
+(`"expect_images": 7`), and lines of printed text matching a pattern at least N times
+(`"expect_text": [{"pattern": "^loss \\d", "min": 2}]`). Ends with
 `notebooks: N passed, N failed` and exits non-zero if any failed.
 
 Run it with the project venv's python (scripts/run and scripts/test do).
@@ -13,6 +15,7 @@ Run it with the project venv's python (scripts/run and scripts/test do).
 import argparse
 import fcntl
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -24,24 +27,36 @@ from nbconvert import HTMLExporter
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNEL = "rust-d2l"
-BUILD_HOME = Path(os.environ.get("D2L_HOME", Path.home() / ".cache" / "d2l-rs")) / "evcxr-build"
+# D2L_EVCXR_BUILD_HOME: another build folder (bench/compare.py times a cold kernel with an empty one).
+BUILD_HOME = Path(os.environ.get("D2L_EVCXR_BUILD_HOME")
+                  or Path(os.environ.get("D2L_HOME", Path.home() / ".cache" / "d2l-rs")) / "evcxr-build")
 PANIC = "panicked at"
 
 
 def problems(nb):
     """What is wrong with an executed notebook that nbclient itself lets pass."""
-    found, mimes = [], set()
+    found, mimes, images, lines = [], set(), 0, []
     for index, cell in enumerate(nb.cells):
         for out in cell.get("outputs", []):
+            images += "image/png" in out.get("data", {})
+            if out.get("output_type") == "stream":
+                lines += out.get("text", "").splitlines()
             if out.get("output_type") == "error":
                 found.append(f"cell {index}: {out.get('ename', 'error')}: {out.get('evalue', '')}".strip())
             if out.get("output_type") == "stream" and PANIC in out.get("text", ""):
                 line = next(l for l in out["text"].splitlines() if PANIC in l)
                 found.append(f"cell {index}: panic: {line.strip()}")
             mimes.update(out.get("data", {}).keys())
-    for mime in nb.metadata.get("d2l", {}).get("expect_outputs", []):
+    expect = nb.metadata.get("d2l", {})
+    for mime in expect.get("expect_outputs", []):
         if mime not in mimes:
             found.append(f"no {mime} output (the notebook's metadata expects one)")
+    if images < expect.get("expect_images", 0):
+        found.append(f"{images} image/png outputs, the notebook's metadata expects {expect['expect_images']}")
+    for rule in expect.get("expect_text", []):
+        n = sum(1 for line in lines if re.search(rule["pattern"], line))
+        if n < rule.get("min", 1):
+            found.append(f"{n} printed lines match {rule['pattern']!r}, the notebook's metadata expects {rule.get('min', 1)}")
     return found
 
 

@@ -25,12 +25,12 @@ fn tiny() -> SourceModelConfig {
 fn source_model_is_trained_once_cached_and_says_what_it_is() {
     let cache = tempfile::tempdir().unwrap();
     let model = pretrain_source_model(cache.path(), &tiny(), Device::Cpu).unwrap();
-    assert_eq!(model.classes.len(), 10);
+    assert_eq!(model.classes.len(), 11);
     assert!(model.weights.is_file());
     assert!((0.0..=1.0).contains(&model.test_acc));
     let text = model.describe();
     assert!(
-        text.contains("NOT on ImageNet") && text.contains("10-class"),
+        text.contains("NOT on ImageNet") && text.contains("11-class"),
         "{text}"
     );
 

@@ -16,6 +16,7 @@
 //! println!("{devices}"); // [device(type='cpu')] or [device(type='cuda', index=0)]
 //! ```
 
+pub mod chapter;
 pub mod data;
 mod device;
 mod display;
@@ -30,4 +31,5 @@ pub use display::{
     Animator, Png,
 };
 pub use error::{Error, Result};
+pub use image;
 pub use tch;

@@ -17,10 +17,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-/// The foods of the source set (no hotdog among them), in label order.
-pub const SOURCE_CLASSES: [&str; 10] = [
+/// The foods that are not hot dogs: the negatives of the hotdog-like set.
+pub const OTHER_FOODS: [&str; 10] = [
     "apple", "baguette", "banana", "burger", "cookie", "donut", "pizza", "salad", "sausage",
     "sushi",
+];
+
+/// The classes of the source set, in label order: the ten other foods and a hot-dog class, as
+/// ImageNet has one (class 934, "hotdog, hot dog, red hot") among its thousand.
+pub const SOURCE_CLASSES: [&str; 11] = [
+    "apple", "baguette", "banana", "burger", "cookie", "donut", "hotdog", "pizza", "salad",
+    "sausage", "sushi",
 ];
 
 /// How to make the hotdog-like set.
@@ -88,7 +95,7 @@ pub fn make_hotdog_dataset(root: impl AsRef<Path>, cfg: &HotdogConfig) -> Result
             if class == 0 {
                 draw_hotdog(img, rng);
             } else {
-                let food = *pick(rng, &SOURCE_CLASSES);
+                let food = *pick(rng, &OTHER_FOODS);
                 draw_food(img, food, rng);
             }
         },
@@ -108,7 +115,10 @@ pub fn make_source_dataset(root: impl AsRef<Path>, cfg: &SourceConfig) -> Result
         &SOURCE_CLASSES,
         sizes,
         cfg.seed,
-        |class, rng, img| draw_food(img, SOURCE_CLASSES[class], rng),
+        |class, rng, img| match SOURCE_CLASSES[class] {
+            "hotdog" => draw_hotdog(img, rng),
+            food => draw_food(img, food, rng),
+        },
     )
 }
 
@@ -187,7 +197,9 @@ fn make_dataset<C: Serialize>(
         )));
     }
     let target = root.join(name);
+    // The marker records the config and the class list: either changing remakes the set.
     let config = serde_json::to_string_pretty(cfg).map_err(|e| Error::Invalid(e.to_string()))?;
+    let config = format!("{config}\nclasses: {classes:?}");
     if fs::read_to_string(target.join(MARKER)).is_ok_and(|m| m == config) {
         return Ok(target);
     }

@@ -241,11 +241,15 @@ pub fn show_images(
     // A title takes a line of text above its image (matplotlib's 12 pt at 100 dpi, scaled
     // down with small cells).
     let font_px = (cell_h * 0.11).clamp(7.0, 16.0);
-    let title_h = if titles.is_some() {
-        font_px * 1.35
-    } else {
-        0.0
-    };
+    // Titles may have several lines (`"pred\ntrue"`).
+    let lines = titles.map_or(0, |t| {
+        t.iter()
+            .map(|s| s.lines().count())
+            .max()
+            .unwrap_or(1)
+            .max(1)
+    });
+    let title_h = lines as f64 * font_px * 1.3 + if lines > 0 { 0.3 * font_px } else { 0.0 };
     for (k, img) in imgs.iter().enumerate() {
         let (row, col) = (k / num_cols, k % num_cols);
         let (box_w, box_h) = (cell_w - 2.0 * pad, cell_h - 2.0 * pad - title_h);
@@ -296,8 +300,11 @@ fn draw_titles(
             (col as f64 * cell_w + cell_w / 2.0).round() as i32,
             (row as f64 * cell_h + pad).round() as i32,
         );
-        root.draw(&Text::new(title.as_str(), at, style.clone()))
-            .map_err(|e| Error::Plot(e.to_string()))?;
+        for (l, line) in title.lines().enumerate() {
+            let at = (at.0, at.1 + (l as f64 * font_px * 1.3).round() as i32);
+            root.draw(&Text::new(line, at, style.clone()))
+                .map_err(|e| Error::Plot(e.to_string()))?;
+        }
     }
     root.present().map_err(|e| Error::Plot(e.to_string()))
 }

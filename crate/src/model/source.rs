@@ -58,8 +58,8 @@ impl SourceModel {
     /// One line that says plainly what this model is.
     pub fn describe(&self) -> String {
         format!(
-            "source model: ResNet-18 pre-trained on the synthetic {}-class food set ({} images, {}px, {} epochs), \
-             NOT on ImageNet; source test acc {:.3}",
+            "source model: ResNet-18 pre-trained on the synthetic {}-class food set (with a hot-dog class, as ImageNet has; \
+             {} images, {}px, {} epochs), NOT on ImageNet; source test acc {:.3}",
             self.classes.len(),
             self.classes.len() * self.config.data.train_per_class,
             self.config.image_size,
@@ -79,14 +79,19 @@ pub fn pretrain_source_model(
 ) -> Result<SourceModel> {
     let cache = cache.as_ref();
     let config = serde_json::to_string_pretty(cfg).map_err(|e| Error::Invalid(e.to_string()))?;
-    let key = config.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+    // The classes are part of what the model is: a new class list makes a new model.
+    let keyed = format!("{config}{:?}", crate::data::synthetic::SOURCE_CLASSES);
+    let key = keyed.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
     });
     let dir = cache.join(format!("source-model-{key:016x}"));
     let report = dir.join("report.json");
     if let Ok(text) = std::fs::read_to_string(&report) {
         if let Ok(model) = serde_json::from_str::<SourceModel>(&text) {
-            if model.config == *cfg && model.weights.is_file() {
+            if model.config == *cfg
+                && model.classes == crate::data::synthetic::SOURCE_CLASSES
+                && model.weights.is_file()
+            {
                 return Ok(model);
             }
         }

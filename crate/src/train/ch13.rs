@@ -100,11 +100,15 @@ pub struct TrainOptions {
 
 impl History {
     /// d2l's figure of this run: `train loss`, `train acc` and `test acc` over `epoch`, x from 1
-    /// to `num_epochs`, y from 0 to 1.
+    /// to `num_epochs` (0 to 1 for a single epoch), y from 0 to 1.
     pub fn animator(&self) -> Animator {
         let mut animator = Animator::new()
             .xlabel("epoch")
-            .xlim(1.0, self.num_epochs.max(2) as f64)
+            // d2l's [1, num_epochs]; one epoch has all its points in [0, 1].
+            .xlim(
+                if self.num_epochs > 1 { 1.0 } else { 0.0 },
+                self.num_epochs.max(1) as f64,
+            )
             .ylim(0.0, 1.0)
             .legend(&["train loss", "train acc", "test acc"]);
         for p in &self.points {

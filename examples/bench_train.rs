@@ -1,0 +1,206 @@
+//! The chapter's training, timed: the Rust side of `bench/compare.py`. Prints one JSON line.
+//!
+//! ```text
+//! bench_train e2e  DATA_DIR [--crop 64] [--resize 72] [--batch 32] [--epochs 2] [--workers 2]
+//!                  [--device cpu|cuda] [--bf16] [--channels-last]
+//! bench_train step [--crop 64] [--batch 32] [--steps 20] [--device cpu|cuda] [--bf16] [--channels-last]
+//! ```
+//! `e2e`: `train_fine_tuning`'s path (ImageFolder, the chapter's augmentations, the loader,
+//! ResNet-18, SGD with the 10x group, summed loss, d2l's `train_ch13` with its timer): d2l's
+//! examples/sec, wall seconds an epoch (loading, augmentation, training, evaluation), time to the
+//! first batch, peak RSS. `step`: the training step alone on tensors already on the device, the
+//! limit that `e2e` is compared with.
+use std::time::Instant;
+
+use d2l::data::transforms::*;
+use d2l::data::{DataLoader, ImageFolder};
+use d2l::model::resnet18;
+use d2l::tch::nn::VarStore;
+use d2l::tch::{Device, Kind, Tensor};
+use d2l::train::*;
+
+struct Args {
+    mode: String,
+    data: Option<String>,
+    crop: u32,
+    resize: u32,
+    batch: usize,
+    epochs: usize,
+    steps: usize,
+    workers: usize,
+    device: Device,
+    step: StepOptions,
+}
+
+fn parse() -> Result<Args, String> {
+    let mut it = std::env::args().skip(1);
+    let mode = it
+        .next()
+        .ok_or("usage: bench_train e2e DATA_DIR [options] | bench_train step [options]")?;
+    let mut a = Args {
+        data: None,
+        crop: 64,
+        resize: 72,
+        batch: 32,
+        epochs: 2,
+        steps: 20,
+        workers: 2,
+        device: Device::Cpu,
+        step: StepOptions::default(),
+        mode,
+    };
+    while let Some(arg) = it.next() {
+        let mut value = |name: &str| it.next().ok_or(format!("{name} needs a value"));
+        let num = |v: String, name: &str| {
+            v.parse::<usize>()
+                .map_err(|_| format!("{name}: not a number: {v}"))
+        };
+        match arg.as_str() {
+            "--crop" => a.crop = num(value("--crop")?, "--crop")? as u32,
+            "--resize" => a.resize = num(value("--resize")?, "--resize")? as u32,
+            "--batch" => a.batch = num(value("--batch")?, "--batch")?,
+            "--epochs" => a.epochs = num(value("--epochs")?, "--epochs")?,
+            "--steps" => a.steps = num(value("--steps")?, "--steps")?,
+            "--workers" => a.workers = num(value("--workers")?, "--workers")?,
+            "--device" => {
+                a.device = match value("--device")?.as_str() {
+                    "cpu" => Device::Cpu,
+                    "cuda" => d2l::try_gpu(0),
+                    other => return Err(format!("--device: cpu or cuda, not {other}")),
+                }
+            }
+            "--bf16" => a.step.bf16 = true,
+            "--channels-last" => a.step.channels_last = true,
+            other if a.data.is_none() && !other.starts_with("--") => {
+                a.data = Some(other.to_owned())
+            }
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    Ok(a)
+}
+
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn sync(device: Device) {
+    if let Device::Cuda(i) = device {
+        d2l::tch::Cuda::synchronize(i as i64);
+    }
+}
+
+fn main() -> d2l::Result<()> {
+    let start = Instant::now();
+    let a = parse().map_err(d2l::Error::Invalid)?;
+    d2l::tch::manual_seed(0);
+    let vs = VarStore::new(a.device);
+    let net = resnet18(&vs.root(), 2);
+    let mut trainer = sgd(&vs, 5e-5, 0.001, true)?;
+    if a.step.channels_last {
+        convert_channels_last(&net)?;
+    }
+    let json = match a.mode.as_str() {
+        "step" => {
+            let x = Tensor::randn(
+                [a.batch as i64, 3, a.crop as i64, a.crop as i64],
+                (Kind::Float, a.device),
+            );
+            let y = Tensor::randint(2, [a.batch as i64], (Kind::Int64, a.device));
+            let mut dp = DataParallel::new(&net, &[a.device])?;
+            for _ in 0..3 {
+                dp.train_batch(&x, &y, cross_entropy, &mut trainer, &a.step)?;
+            }
+            sync(a.device);
+            let t = Instant::now();
+            for _ in 0..a.steps {
+                dp.train_batch(&x, &y, cross_entropy, &mut trainer, &a.step)?;
+            }
+            sync(a.device);
+            let secs = t.elapsed().as_secs_f64();
+            serde_json::json!({
+                "impl": "rust", "mode": "step", "batch": a.batch, "crop": a.crop, "steps": a.steps,
+                "images_per_s": (a.steps * a.batch) as f64 / secs,
+                "bf16": a.step.bf16, "channels_last": a.step.channels_last,
+                "peak_rss_mib": peak_rss_mib(),
+            })
+        }
+        "e2e" => {
+            let data = a
+                .data
+                .clone()
+                .ok_or_else(|| d2l::Error::Invalid("e2e needs DATA_DIR".into()))?;
+            let data = std::path::Path::new(&data);
+            let normalize = Normalize::imagenet();
+            let train_augs = Compose::new()
+                .then(RandomResizedCrop::new(a.crop))
+                .then(RandomHorizontalFlip::default())
+                .then(ToTensor)
+                .then(normalize.clone());
+            let test_augs = Compose::new()
+                .then(Resize::new(a.resize, a.resize))
+                .then(CenterCrop::new(a.crop))
+                .then(ToTensor)
+                .then(normalize);
+            let pin = a.device.is_cuda();
+            let train_iter =
+                DataLoader::new(ImageFolder::new(data.join("train"))?, train_augs, a.batch)?
+                    .shuffle(true)
+                    .num_workers(a.workers)
+                    .pin_memory(pin);
+            let test_iter =
+                DataLoader::new(ImageFolder::new(data.join("test"))?, test_augs, a.batch)?
+                    .num_workers(a.workers)
+                    .pin_memory(pin);
+            let t = Instant::now();
+            let first = train_iter.iter().next().transpose()?;
+            let first_batch_s = t.elapsed().as_secs_f64();
+            drop(first);
+            let opts = TrainOptions {
+                step: a.step.clone(),
+                no_figure: true,
+                quiet: true,
+                ..TrainOptions::default()
+            };
+            let devices = d2l::Devices(vec![a.device]);
+            let t = Instant::now();
+            let h = train_ch13_with(
+                &net,
+                &train_iter,
+                &test_iter,
+                cross_entropy,
+                &mut trainer,
+                a.epochs,
+                &devices,
+                &opts,
+            )?;
+            sync(a.device);
+            let wall = t.elapsed().as_secs_f64();
+            let images = train_iter.dataset().len();
+            serde_json::json!({
+                "impl": "rust", "mode": "e2e", "batch": a.batch, "crop": a.crop, "epochs": a.epochs,
+                "workers": a.workers, "train_images": images, "test_images": test_iter.dataset().len(),
+                "d2l_examples_per_s": h.examples_per_sec,
+                "epoch_wall_s": wall / a.epochs as f64,
+                "e2e_images_per_s": (images * a.epochs) as f64 / wall,
+                "first_batch_s": first_batch_s,
+                "peak_rss_mib": peak_rss_mib(),
+                "process_s": start.elapsed().as_secs_f64(),
+                "test_acc": h.test_acc,
+                "bf16": a.step.bf16, "channels_last": a.step.channels_last,
+            })
+        }
+        other => {
+            return Err(d2l::Error::Invalid(format!(
+                "mode: e2e or step, not {other}"
+            )))
+        }
+    };
+    println!("{json}");
+    Ok(())
+}

@@ -1,0 +1,117 @@
+//! Which profile runs: the book's settings where the data and weights can be had, the offline
+//! stand-in where not, `D2L_PROFILE` over both. One test in this binary: it sets environment
+//! variables.
+mod common;
+
+use common::{Reply, Server};
+use d2l::chapter::{Profile, ProfileName};
+
+#[test]
+fn the_profile_follows_what_can_be_had_and_d2l_profile_overrides_it() {
+    let dir = tempfile::tempdir().unwrap();
+    std::env::set_var("D2L_DATA_DIR", dir.path().join("data"));
+    std::env::set_var("TORCH_HOME", dir.path().join("torch"));
+    std::env::set_var("D2L_HOME", dir.path().join("home"));
+    std::env::remove_var("D2L_PROFILE");
+    let server = Server::start();
+    server.route("hotdog.zip", Reply::Body(b"zip".to_vec()));
+    server.route("resnet18-f37072fd.pth", Reply::Body(b"pth".to_vec()));
+
+    // Both reachable (mirrors on loopback): the book's settings, with a warning on the CPU.
+    std::env::set_var("D2L_DATA_URL", &server.base);
+    std::env::set_var("D2L_WEIGHTS_URL", &server.base);
+    let p = Profile::auto().unwrap();
+    assert_eq!(p.name, ProfileName::Book);
+    assert_eq!(
+        (p.crop, p.resize, p.batch_size, p.num_epochs),
+        (224, 256, 128, 5)
+    );
+    let banner = p.to_string();
+    assert!(
+        banner.contains("PROFILE: BOOK") && banner.contains("hotdog.zip"),
+        "{banner}"
+    );
+    if !p.device().is_cuda() {
+        assert!(
+            banner.contains("WARNING: the book's settings on the CPU"),
+            "{banner}"
+        );
+    }
+
+    // The weights missing: offline, and the banner says why and what the data and model are.
+    std::env::set_var("D2L_WEIGHTS_URL", server.url("nothing-here/"));
+    let p = Profile::auto().unwrap();
+    assert_eq!(p.name, ProfileName::Offline);
+    assert!(
+        p.why.contains("the ImageNet weights cannot be fetched"),
+        "{}",
+        p.why
+    );
+    let banner = p.to_string();
+    for text in [
+        "PROFILE: OFFLINE",
+        "GENERATED hotdog-like",
+        "NOT on ImageNet",
+        "not comparable with the book",
+    ] {
+        assert!(banner.contains(text), "{text:?} not in {banner}");
+    }
+
+    // Nothing answers at all (a closed port), as on a machine without network.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = format!("http://{}/", closed.local_addr().unwrap());
+    drop(closed);
+    std::env::set_var("D2L_DATA_URL", &dead);
+    std::env::set_var("D2L_WEIGHTS_URL", &dead);
+    let started = std::time::Instant::now();
+    let p = Profile::auto().unwrap();
+    assert_eq!(p.name, ProfileName::Offline);
+    assert!(
+        p.why
+            .contains("neither hotdog.zip nor the ImageNet weights can be fetched"),
+        "{}",
+        p.why
+    );
+    assert!(started.elapsed().as_secs() < 10);
+
+    // A cached hotdog.zip and cached weights count as had, without any network.
+    std::fs::create_dir_all(dir.path().join("data")).unwrap();
+    std::fs::write(dir.path().join("data/hotdog.zip"), b"zip").unwrap();
+    let ckpt = dir.path().join("torch/hub/checkpoints");
+    std::fs::create_dir_all(&ckpt).unwrap();
+    std::fs::write(ckpt.join("resnet18-f37072fd.pth"), b"pth").unwrap();
+    assert_eq!(Profile::auto().unwrap().name, ProfileName::Book);
+
+    // The override.
+    std::env::set_var("D2L_PROFILE", "ci");
+    let p = Profile::auto().unwrap();
+    assert_eq!(p.name, ProfileName::Ci);
+    assert!(p.to_string().contains("PROFILE: CI (D2L_PROFILE=ci)"));
+    std::env::set_var("D2L_PROFILE", "fast");
+    let err = Profile::auto().unwrap_err().to_string();
+    assert!(
+        err.contains("\"fast\"") && err.contains("book, offline or ci"),
+        "{err}"
+    );
+    std::env::remove_var("D2L_PROFILE");
+
+    // The ci profile's data: generated once under D2L_HOME, the chapter's layout.
+    let p = Profile::named("ci").unwrap();
+    let data = p.hotdog_dir().unwrap();
+    assert!(
+        data.starts_with(dir.path().join("home")),
+        "{}",
+        data.display()
+    );
+    let train = d2l::ImageFolder::new(data.join("train")).unwrap();
+    assert_eq!(train.classes(), ["hotdog", "not-hotdog"]);
+    assert_eq!(train.len(), 2 * p.hotdog.as_ref().unwrap().train_per_class);
+    let (train_iter, test_iter) = p.loaders(&data).unwrap();
+    let (x, y) = train_iter.iter().next().unwrap().unwrap();
+    assert_eq!(
+        x.size(),
+        [p.batch_size as i64, 3, p.crop as i64, p.crop as i64]
+    );
+    assert_eq!(y.size(), [p.batch_size as i64]);
+    assert_eq!(test_iter.dataset().len(), 16);
+}
