@@ -6,8 +6,12 @@ use d2l::tch::{Device, Kind, Tensor};
 use d2l::train::*;
 
 fn batch(n: i64) -> (Tensor, Tensor) {
+    batch_of(n, 32)
+}
+
+fn batch_of(n: i64, side: i64) -> (Tensor, Tensor) {
     d2l::tch::manual_seed(7);
-    let x = Tensor::randn([n, 3, 32, 32], (Kind::Float, Device::Cpu));
+    let x = Tensor::randn([n, 3, side, side], (Kind::Float, Device::Cpu));
     let y = Tensor::from_slice(&(0..n).map(|i| i % 2).collect::<Vec<i64>>());
     (x, y)
 }
@@ -125,13 +129,15 @@ fn channels_last_gives_nhwc_strides_and_the_same_step() {
     let conv1 = &b.named_tensors()[0].1;
     assert_eq!(conv1.size(), [64, 3, 7, 7]);
     assert_eq!(conv1.stride(), [147, 1, 21, 3]);
-    let (x, y) = batch(4);
+    // 64 px and 8 images: BatchNorm's statistics in the last stage come from 32 values a
+    // channel, so rounding differences stay rounding differences.
+    let (x, y) = batch_of(8, 64);
     let nhwc = StepOptions {
         channels_last: true,
         ..StepOptions::default()
     };
-    let mut opt_a = sgd(&vs_a, 0.05, 0.0, false).unwrap();
-    let mut opt_b = sgd(&vs_b, 0.05, 0.0, false).unwrap();
+    let mut opt_a = sgd(&vs_a, 0.01, 0.0, false).unwrap();
+    let mut opt_b = sgd(&vs_b, 0.01, 0.0, false).unwrap();
     let la = DataParallel::new(&a, &[Device::Cpu])
         .unwrap()
         .train_batch(&x, &y, cross_entropy, &mut opt_a, &StepOptions::default())
@@ -143,7 +149,7 @@ fn channels_last_gives_nhwc_strides_and_the_same_step() {
     assert!((la.0 - lb.0).abs() < 1e-4 * la.0, "{la:?} vs {lb:?}");
     let diff = max_diff(&a.named_tensors(), &b.named_tensors(), true);
     // Different convolution kernels: float rounding differences only.
-    assert!(diff < 1e-3, "{diff}");
+    assert!(diff < 1e-5, "{diff}");
 }
 
 #[test]
