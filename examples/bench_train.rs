@@ -30,6 +30,8 @@ struct Args {
     workers: usize,
     device: Device,
     step: StepOptions,
+    /// libtorch's intra-op threads (0: its default, one a core).
+    threads: usize,
 }
 
 fn parse() -> Result<Args, String> {
@@ -47,6 +49,7 @@ fn parse() -> Result<Args, String> {
         workers: 2,
         device: Device::Cpu,
         step: StepOptions::default(),
+        threads: 0,
         mode,
     };
     while let Some(arg) = it.next() {
@@ -62,6 +65,7 @@ fn parse() -> Result<Args, String> {
             "--epochs" => a.epochs = num(value("--epochs")?, "--epochs")?,
             "--steps" => a.steps = num(value("--steps")?, "--steps")?,
             "--workers" => a.workers = num(value("--workers")?, "--workers")?,
+            "--threads" => a.threads = num(value("--threads")?, "--threads")?,
             "--device" => {
                 a.device = match value("--device")?.as_str() {
                     "cpu" => Device::Cpu,
@@ -99,6 +103,9 @@ fn main() -> d2l::Result<()> {
     let start = Instant::now();
     let a = parse().map_err(d2l::Error::Invalid)?;
     d2l::tch::manual_seed(0);
+    if a.threads > 0 {
+        d2l::tch::set_num_threads(a.threads as i32);
+    }
     let vs = VarStore::new(a.device);
     let net = resnet18(&vs.root(), 2);
     let mut trainer = sgd(&vs, 5e-5, 0.001, true)?;
