@@ -36,6 +36,19 @@ fn ctrl_c_stops_training_between_steps_and_a_checkpoint_can_still_be_saved() {
         ..TrainOptions::default()
     };
 
+    let run = |trainer: &mut _, epochs| {
+        train_ch13_with(
+            &net,
+            &train,
+            &test,
+            cross_entropy,
+            trainer,
+            epochs,
+            &devices,
+            &opts,
+        )
+    };
+
     // A real SIGINT to this process, through the handler.
     install_ctrl_c_handler().unwrap();
     let pid = std::process::id().to_string();
@@ -52,17 +65,7 @@ fn ctrl_c_stops_training_between_steps_and_a_checkpoint_can_still_be_saved() {
     }
     assert!(stop_requested(), "SIGINT did not reach the handler");
 
-    let err = train_ch13_with(
-        &net,
-        &train,
-        &test,
-        cross_entropy,
-        &mut trainer,
-        3,
-        &devices,
-        &opts,
-    )
-    .unwrap_err();
+    let err = run(&mut trainer, 3).unwrap_err();
     assert!(
         matches!(err, d2l::Error::Interrupted { epoch: 1, batch: 0 }),
         "{err}"
@@ -78,31 +81,11 @@ fn ctrl_c_stops_training_between_steps_and_a_checkpoint_can_still_be_saved() {
     let stem = dir.path().join("ckpt/hotdog");
     save_checkpoint(&net, &stem, &classes, (16, 16), Default::default()).unwrap();
     Classifier::load(&stem, Device::Cpu).unwrap();
-    let history = train_ch13_with(
-        &net,
-        &train,
-        &test,
-        cross_entropy,
-        &mut trainer,
-        1,
-        &devices,
-        &opts,
-    )
-    .unwrap();
+    let history = run(&mut trainer, 1).unwrap();
     assert!(history.train_loss.is_finite());
 
     // A stop asked for mid-run ends it after the current step.
     request_stop();
-    let err = train_ch13_with(
-        &net,
-        &train,
-        &test,
-        cross_entropy,
-        &mut trainer,
-        1,
-        &devices,
-        &opts,
-    )
-    .unwrap_err();
+    let err = run(&mut trainer, 1).unwrap_err();
     assert!(matches!(err, d2l::Error::Interrupted { .. }), "{err}");
 }
