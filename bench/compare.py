@@ -67,9 +67,19 @@ def main():
     ap.add_argument("--workers", type=int, default=os.cpu_count())
     ap.add_argument("--options", action="store_true", help="also Rust with bf16 autocast and channels-last")
     ap.add_argument("--notebook", action="store_true", help="also time the chapter notebook cold and warm")
+    ap.add_argument("--notebook-only", action="store_true", help="only time the chapter notebook cold and warm")
     ap.add_argument("--out", type=Path, default=ROOT / "target" / "bench" / "compare.json")
     args = ap.parse_args()
 
+    if args.notebook_only:
+        notebook = time_notebook()
+        print("notebook (offline profile): " + ", ".join(f"{k} {v:.1f} s" for k, v in notebook.items()))
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                        "machine": {"node": platform.node(), "cores": os.cpu_count()},
+                                        "notebook": notebook}, indent=2))
+        print(f"wrote {args.out}")
+        return
     bench_train, bench_data = args.bin_dir / "bench_train", args.bin_dir / "bench_data"
     for b in (bench_train, bench_data):
         if not b.is_file():
