@@ -220,22 +220,26 @@ impl Profile {
         };
         let data = data_here || reachable(&mirrored(&url));
         let weights = weights_here || reachable(&weights_url);
-        if data && weights {
-            let mut p = Profile::book();
-            p.why = "hotdog.zip and the ImageNet weights can be had".into();
-            tch::manual_seed(p.seed as i64);
-            return Ok(p);
-        }
-        let mut p = Profile::offline();
-        let missing = match (data, weights) {
-            (false, false) => "neither hotdog.zip nor the ImageNet weights",
-            (false, true) => "hotdog.zip cannot",
-            _ => "the ImageNet weights cannot",
+        let (mut p, why) = match (data, weights) {
+            (true, true) => (
+                Profile::book(),
+                "hotdog.zip and the ImageNet weights can be had",
+            ),
+            (false, false) => (
+                Profile::offline(),
+                "neither hotdog.zip nor the ImageNet weights can be fetched from here",
+            ),
+            (false, true) => (Profile::offline(), "hotdog.zip cannot be fetched from here"),
+            (true, false) => (
+                Profile::offline(),
+                "the ImageNet weights cannot be fetched from here",
+            ),
         };
-        p.why = format!(
-            "{missing} be fetched from here (no network; set D2L_DATA_URL / D2L_WEIGHTS_URL to a mirror, or D2L_PROFILE=book)"
-        )
-        .replace("neither hotdog.zip nor the ImageNet weights be", "neither hotdog.zip nor the ImageNet weights can be");
+        p.why = if p.name == ProfileName::Book {
+            why.to_owned()
+        } else {
+            format!("{why} (no network; set D2L_DATA_URL / D2L_WEIGHTS_URL to a mirror, or D2L_PROFILE=book)")
+        };
         tch::manual_seed(p.seed as i64);
         Ok(p)
     }
@@ -485,15 +489,10 @@ pub fn prediction_grid(net: &ResNet, profile: &Profile, n: usize) -> Result<Png>
         items.push(test.get_rev(i)?);
     }
     let t = profile.test_augs();
-    let mut rng = rand::rngs::mock::StepRng::new(0, 0);
-    let mut xs = Vec::with_capacity(items.len());
-    for (img, _) in &items {
-        use crate::data::transforms::{Sample, Transform};
-        let Sample::Tensor(x) = t.apply(Sample::Image(img.clone()), &mut rng)? else {
-            return Err(Error::Invalid("the test transform gave no tensor".into()));
-        };
-        xs.push(Tensor::from_slice(&x.data).f_reshape([3, x.height as i64, x.width as i64])?);
-    }
+    let xs = items
+        .iter()
+        .map(|(img, _)| t.tensor(img))
+        .collect::<Result<Vec<_>>>()?;
     let x = Tensor::f_stack(&xs, 0)?.f_to_device(profile.device())?;
     let pred = tch::no_grad(|| net.forward_t(&x, false).f_argmax(-1, false))?;
     let pred = Vec::<i64>::try_from(pred.f_to_device(Device::Cpu)?.f_to_kind(Kind::Int64)?)?;

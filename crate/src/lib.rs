@@ -21,6 +21,7 @@ pub mod data;
 mod device;
 mod display;
 mod error;
+mod files;
 pub mod model;
 pub mod train;
 

@@ -99,6 +99,23 @@ impl Compose {
         self.0.len()
     }
 
+    /// Runs a deterministic pipeline (the test transform) on one image and gives the result as
+    /// a tensor. Random transforms would always draw the same values here: use a `DataLoader`
+    /// for those.
+    ///
+    /// # Shapes
+    /// -> `[3, h, w]` f32 on the CPU
+    pub fn tensor(&self, img: &RgbImage) -> Result<tch::Tensor> {
+        let mut rng = rand::rngs::mock::StepRng::new(0, 0);
+        let Sample::Tensor(t) = self.apply(Sample::Image(img.clone()), &mut rng)? else {
+            return Err(Error::Invalid(
+                "Compose::tensor: the transform must end with ToTensor (it returned an image)"
+                    .into(),
+            ));
+        };
+        Ok(tch::Tensor::from_slice(&t.data).f_reshape([3, t.height as i64, t.width as i64])?)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }

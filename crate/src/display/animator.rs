@@ -220,7 +220,7 @@ impl Animator {
                 )))
             }
         };
-        super::write_atomically(path, &bytes)
+        crate::files::write_atomically(path, &bytes)
     }
 
     /// In a notebook, shows the figure (PNG) as the cell's output; elsewhere saves `name.svg`

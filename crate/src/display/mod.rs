@@ -102,7 +102,7 @@ impl Png {
     /// Writes the PNG to `path`, creating its parent directories; the file appears whole or
     /// not at all.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
-        write_atomically(path.as_ref(), &self.bytes)
+        crate::files::write_atomically(path.as_ref(), &self.bytes)
     }
 
     /// In a notebook, shows the image as the cell's output; elsewhere saves `name.png` into
@@ -161,27 +161,6 @@ pub fn set_figures_dir(dir: impl Into<PathBuf>) {
     if let Ok(mut d) = FIGURES_DIR.write() {
         *d = Some(dir.into());
     }
-}
-
-/// Writes `bytes` to a temporary file next to `path`, then renames it over `path`: a reader
-/// sees the old file or the new one, never half of one, even if the process is killed.
-pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = match path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        Some(dir) => dir,
-        None => Path::new("."),
-    };
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".d2l-")
-        .suffix(".part")
-        .tempfile_in(dir)
-        .map_err(|e| Error::io(dir, e))?;
-    tmp.write_all(bytes).map_err(|e| Error::io(tmp.path(), e))?;
-    tmp.as_file()
-        .sync_all()
-        .map_err(|e| Error::io(tmp.path(), e))?;
-    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
-    Ok(())
 }
 
 /// A test pattern: red grows from left to right, green from top to bottom, blue falls with red.

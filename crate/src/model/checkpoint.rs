@@ -15,9 +15,7 @@ use tch::nn::{ModuleT, VarStore};
 use tch::{Device, Kind, Tensor};
 
 use super::{resnet18, ResNet};
-use crate::data::transforms::{
-    CenterCrop, Compose, Normalize, Resize, Sample, ToTensor, Transform,
-};
+use crate::data::transforms::{CenterCrop, Compose, Normalize, Resize, ToTensor};
 use crate::error::{Error, Result};
 
 /// What a checkpoint's JSON file holds.
@@ -123,7 +121,7 @@ pub fn save_checkpoint(
         .map_err(|e| Error::io(&weights, e.error))?;
     let text = serde_json::to_string_pretty(&config)
         .map_err(|e| Error::Invalid(format!("save_checkpoint: {e}")))?;
-    crate::display::write_atomically(&json, text.as_bytes())?;
+    crate::files::write_atomically(&json, text.as_bytes())?;
     Ok((weights, json))
 }
 
@@ -228,12 +226,10 @@ impl Classifier {
 
     /// Classifies an image.
     pub fn predict_image(&self, img: &RgbImage) -> Result<Prediction> {
-        let mut rng = rand::rngs::mock::StepRng::new(0, 0);
-        let Sample::Tensor(t) = self.transform.apply(Sample::Image(img.clone()), &mut rng)? else {
-            return Err(Error::Invalid("the test transform gave no tensor".into()));
-        };
-        let x = Tensor::from_slice(&t.data)
-            .f_reshape([1, 3, t.height as i64, t.width as i64])?
+        let x = self
+            .transform
+            .tensor(img)?
+            .f_unsqueeze(0)?
             .f_to_device(self.device)?;
         let probs = tch::no_grad(|| -> Result<Tensor> {
             Ok(self
