@@ -9,6 +9,8 @@ pinned memory, persistent workers), same batch, image size, epochs and generated
   (loading, augmentation, training, evaluation), time to the first batch, peak RSS;
 - the limit: the training step alone on tensors already on the device; end-to-end throughput is
   reported as a fraction of it;
+- on the CPU, Rust a second time with `--no-im2col` (libtorch's convolution in every layer, PyTorch's
+  kernels exactly), to show how much the im2col path for small convolution outputs adds;
 - the data pipeline alone (decode + augment, one worker and all cores, Rust vs PIL), at the
   benchmark's image size;
 - optionally (--notebook) the chapter notebook's cold and warm execution and its first cell's
@@ -98,6 +100,10 @@ def main():
         "torch-tuned": [args.python, ROOT / "bench" / "chapter_torch.py", "e2e", data, *size, "--variant", "tuned",
                         "--workers", args.workers],
     }
+    if args.device == "cpu":
+        # libtorch's (oneDNN's) convolution in every layer: PyTorch's kernels exactly, so that the
+        # table shows what the small-output im2col path adds and what the rest of the pipeline does.
+        impls["rust-no-im2col"] = impls["rust"] + ["--no-im2col"]
     if args.options and args.device == "cuda":
         impls["rust-bf16-cl"] = impls["rust"] + ["--bf16", "--channels-last"]
     step_size = ["--crop", args.crop, "--batch", args.batch, "--steps", args.steps, "--device", args.device]
@@ -105,6 +111,8 @@ def main():
         "rust": [bench_train, "step", *step_size],
         "torch": [args.python, ROOT / "bench" / "chapter_torch.py", "step", *step_size],
     }
+    if args.device == "cpu":
+        steps["rust-no-im2col"] = steps["rust"] + ["--no-im2col"]
     if args.options and args.device == "cuda":
         steps["rust-bf16-cl"] = steps["rust"] + ["--bf16", "--channels-last"]
 
@@ -114,12 +122,12 @@ def main():
         for name, cmd in impls.items():
             r = run_json(cmd)
             results[name].append(r)
-            print(f"rep {rep + 1}/{args.reps} {name:12s} e2e {r['e2e_images_per_s']:8.1f} img/s, "
+            print(f"rep {rep + 1}/{args.reps} {name:15s} e2e {r['e2e_images_per_s']:8.1f} img/s, "
                   f"d2l {r['d2l_examples_per_s']:8.1f} examples/s, epoch {r['epoch_wall_s']:6.2f} s", flush=True)
         for name, cmd in steps.items():
             r = run_json(cmd)
             step_results[name].append(r)
-            print(f"rep {rep + 1}/{args.reps} {name:12s} step-only {r['images_per_s']:8.1f} img/s", flush=True)
+            print(f"rep {rep + 1}/{args.reps} {name:15s} step-only {r['images_per_s']:8.1f} img/s", flush=True)
 
     # The data pipeline alone at this image size: Rust threads vs torchvision processes.
     pipeline = []
@@ -150,6 +158,10 @@ def main():
         "rust_vs_torch_book_d2l": summary["rust"]["d2l_examples_per_s"] / summary["torch-book"]["d2l_examples_per_s"],
         "rust_vs_torch_step_only": median(step_results["rust"], "images_per_s") / median(step_results["torch"], "images_per_s"),
     }
+    if "rust-no-im2col" in summary:
+        base = summary["rust-no-im2col"]["e2e_images_per_s"]
+        ratios["rust_no_im2col_vs_torch_book_e2e"] = base / summary["torch-book"]["e2e_images_per_s"]
+        ratios["rust_no_im2col_vs_torch_tuned_e2e"] = base / summary["torch-tuned"]["e2e_images_per_s"]
     pipe = {}
     for impl in ("rust", "torchvision"):
         for workers in (0, args.workers):
@@ -161,12 +173,12 @@ def main():
     print()
     print(f"machine: {platform.node()}, {os.cpu_count()} cores, device {args.device}; "
           f"{args.crop} px crops, batch {args.batch}, {args.epochs} epochs, {args.reps} runs each, medians")
-    print(f"{'':13s} {'end-to-end':>11s} {'d2l':>10s} {'epoch':>8s} {'1st batch':>9s} {'peak RSS':>9s} "
+    print(f"{'':15s} {'end-to-end':>11s} {'d2l':>10s} {'epoch':>8s} {'1st batch':>9s} {'peak RSS':>9s} "
           f"{'step-only':>10s} {'e2e/step':>8s}")
-    print(f"{'':13s} {'img/s':>11s} {'ex/s':>10s} {'s':>8s} {'s':>9s} {'MiB':>9s} {'img/s':>10s} {'':>8s}")
+    print(f"{'':15s} {'img/s':>11s} {'ex/s':>10s} {'s':>8s} {'s':>9s} {'MiB':>9s} {'img/s':>10s} {'':>8s}")
     for name, s in summary.items():
         rss = f"{s['peak_rss_mib']:.0f}" + (f"+{s['peak_rss_worker_mib']:.0f}w" if s.get("peak_rss_worker_mib") else "")
-        print(f"{name:13s} {s['e2e_images_per_s']:11.1f} {s['d2l_examples_per_s']:10.1f} {s['epoch_wall_s']:8.2f} "
+        print(f"{name:15s} {s['e2e_images_per_s']:11.1f} {s['d2l_examples_per_s']:10.1f} {s['epoch_wall_s']:8.2f} "
               f"{s['first_batch_s']:9.3f} {rss:>9s} {s['step_only_images_per_s']:10.1f} {s['fraction_of_step_only']:8.1%}")
     print("ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
     print("data pipeline alone (img/s): " + ", ".join(f"{k} workers {v:.1f}" for k, v in pipe.items()))

@@ -2,14 +2,16 @@
 //!
 //! ```text
 //! bench_train e2e  DATA_DIR [--crop 64] [--resize 72] [--batch 32] [--epochs 2] [--workers 2]
-//!                  [--device cpu|cuda] [--bf16] [--channels-last]
+//!                  [--device cpu|cuda] [--bf16] [--channels-last] [--no-im2col]
 //! bench_train step [--crop 64] [--batch 32] [--steps 20] [--device cpu|cuda] [--bf16] [--channels-last]
+//!                  [--no-im2col]
 //! ```
 //! `e2e`: `train_fine_tuning`'s path (ImageFolder, the chapter's augmentations, the loader,
 //! ResNet-18, SGD with the 10x group, summed loss, d2l's `train_ch13` with its timer): d2l's
 //! examples/sec, wall seconds an epoch (loading, augmentation, training, evaluation), time to the
 //! first batch, peak RSS. `step`: the training step alone on tensors already on the device, the
-//! limit that `e2e` is compared with.
+//! limit that `e2e` is compared with. `--no-im2col`: libtorch's convolution in every layer (see
+//! `d2l::model::set_cpu_im2col`), to compare with PyTorch kernel for kernel.
 use std::time::Instant;
 
 use d2l::data::transforms::*;
@@ -32,6 +34,7 @@ struct Args {
     step: StepOptions,
     /// libtorch's intra-op threads (0: its default, one a core).
     threads: usize,
+    im2col: bool,
 }
 
 fn parse() -> Result<Args, String> {
@@ -50,6 +53,7 @@ fn parse() -> Result<Args, String> {
         device: Device::Cpu,
         step: StepOptions::default(),
         threads: 0,
+        im2col: true,
         mode,
     };
     while let Some(arg) = it.next() {
@@ -75,6 +79,7 @@ fn parse() -> Result<Args, String> {
             }
             "--bf16" => a.step.bf16 = true,
             "--channels-last" => a.step.channels_last = true,
+            "--no-im2col" => a.im2col = false,
             other if a.data.is_none() && !other.starts_with("--") => {
                 a.data = Some(other.to_owned())
             }
@@ -106,6 +111,7 @@ fn main() -> d2l::Result<()> {
     if a.threads > 0 {
         d2l::tch::set_num_threads(a.threads as i32);
     }
+    d2l::model::set_cpu_im2col(a.im2col);
     let vs = VarStore::new(a.device);
     let net = resnet18(&vs.root(), 2);
     let mut trainer = sgd(&vs, 5e-5, 0.001, true)?;
@@ -133,7 +139,7 @@ fn main() -> d2l::Result<()> {
             serde_json::json!({
                 "impl": "rust", "mode": "step", "batch": a.batch, "crop": a.crop, "steps": a.steps,
                 "images_per_s": (a.steps * a.batch) as f64 / secs,
-                "bf16": a.step.bf16, "channels_last": a.step.channels_last,
+                "bf16": a.step.bf16, "channels_last": a.step.channels_last, "im2col": a.im2col,
                 "peak_rss_mib": peak_rss_mib(),
             })
         }
@@ -199,7 +205,7 @@ fn main() -> d2l::Result<()> {
                 "peak_rss_mib": peak_rss_mib(),
                 "process_s": start.elapsed().as_secs_f64(),
                 "test_acc": h.test_acc,
-                "bf16": a.step.bf16, "channels_last": a.step.channels_last,
+                "bf16": a.step.bf16, "channels_last": a.step.channels_last, "im2col": a.im2col,
             })
         }
         other => {

@@ -4,6 +4,8 @@ use std::fmt;
 use tch::nn::{self, Init, ModuleT};
 use tch::Tensor;
 
+use super::conv::{conv2d, Conv2d};
+
 /// A fully connected layer that prints like PyTorch's `nn.Linear`.
 #[derive(Debug)]
 pub struct Linear {
@@ -51,22 +53,6 @@ impl nn::Module for Linear {
     }
 }
 
-/// A convolution without bias, `kaiming_normal_(mode="fan_out", nonlinearity="relu")`.
-fn conv(p: nn::Path, c_in: i64, c_out: i64, k: i64, stride: i64, padding: i64) -> nn::Conv2D {
-    let fan_out = (c_out * k * k) as f64;
-    let cfg = nn::ConvConfig {
-        stride,
-        padding,
-        bias: false,
-        ws_init: Init::Randn {
-            mean: 0.0,
-            stdev: (2.0 / fan_out).sqrt(),
-        },
-        ..Default::default()
-    };
-    nn::conv2d(p, c_in, c_out, k, cfg)
-}
-
 /// BatchNorm with weight 1 and bias 0 (tch's default weight is uniform in (0, 1)).
 fn bn(p: nn::Path, c: i64) -> nn::BatchNorm {
     let cfg = nn::BatchNormConfig {
@@ -79,25 +65,25 @@ fn bn(p: nn::Path, c: i64) -> nn::BatchNorm {
 
 #[derive(Debug)]
 struct BasicBlock {
-    conv1: nn::Conv2D,
+    conv1: Conv2d,
     bn1: nn::BatchNorm,
-    conv2: nn::Conv2D,
+    conv2: Conv2d,
     bn2: nn::BatchNorm,
-    downsample: Option<(nn::Conv2D, nn::BatchNorm)>,
+    downsample: Option<(Conv2d, nn::BatchNorm)>,
 }
 
 impl BasicBlock {
     fn new(p: &nn::Path, c_in: i64, c_out: i64, stride: i64) -> Self {
         let downsample = (stride != 1 || c_in != c_out).then(|| {
             (
-                conv(p / "downsample" / "0", c_in, c_out, 1, stride, 0),
+                conv2d(p / "downsample" / "0", c_in, c_out, 1, stride, 0),
                 bn(p / "downsample" / "1", c_out),
             )
         });
         BasicBlock {
-            conv1: conv(p / "conv1", c_in, c_out, 3, stride, 1),
+            conv1: conv2d(p / "conv1", c_in, c_out, 3, stride, 1),
             bn1: bn(p / "bn1", c_out),
-            conv2: conv(p / "conv2", c_out, c_out, 3, 1, 1),
+            conv2: conv2d(p / "conv2", c_out, c_out, 3, 1, 1),
             bn2: bn(p / "bn2", c_out),
             downsample,
         }
@@ -123,7 +109,7 @@ impl BasicBlock {
 /// `resnet18(weights=None)`.
 #[derive(Debug)]
 pub struct ResNet {
-    conv1: nn::Conv2D,
+    conv1: Conv2d,
     bn1: nn::BatchNorm,
     layers: Vec<Vec<BasicBlock>>,
     /// The output layer.
@@ -149,7 +135,7 @@ pub fn resnet18(p: &nn::Path, num_classes: i64) -> ResNet {
         })
         .collect();
     ResNet {
-        conv1: conv(p / "conv1", 3, 64, 7, 2, 3),
+        conv1: conv2d(p / "conv1", 3, 64, 7, 2, 3),
         bn1: bn(p / "bn1", 64),
         layers,
         // Optimiser group 1, so that the output layer can get its own learning rate.
@@ -179,11 +165,8 @@ impl ResNet {
     /// Every tensor of the model, parameters and BatchNorm buffers, with torchvision's names,
     /// in a fixed order (shallow copies: they share storage with the model).
     pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
-        fn conv(out: &mut Vec<(String, Tensor)>, name: &str, c: &nn::Conv2D) {
+        fn conv(out: &mut Vec<(String, Tensor)>, name: &str, c: &Conv2d) {
             out.push((format!("{name}.weight"), c.ws.shallow_clone()));
-            if let Some(b) = &c.bs {
-                out.push((format!("{name}.bias"), b.shallow_clone()));
-            }
         }
         fn bn(out: &mut Vec<(String, Tensor)>, name: &str, b: &nn::BatchNorm) {
             for (what, t) in [("weight", &b.ws), ("bias", &b.bs)] {
@@ -246,7 +229,7 @@ impl ModuleT for ResNet {
     }
 }
 
-fn conv_params(c: &nn::Conv2D) -> i64 {
+fn conv_params(c: &Conv2d) -> i64 {
     c.ws.numel() as i64
 }
 
