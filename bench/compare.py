@@ -64,7 +64,7 @@ def main():
     ap.add_argument("--resize", type=int, default=72)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--workers", type=int, default=os.cpu_count())
     ap.add_argument("--options", action="store_true", help="also Rust with bf16 autocast and channels-last")
