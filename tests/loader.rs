@@ -58,13 +58,16 @@ fn the_same_seed_gives_the_same_batches_whatever_the_number_of_workers() {
             .seed(42)
             .num_workers(workers)
     };
-    let (a, b, c) = (make(0), make(1), make(3));
+    // More workers than samples, and the smallest window ahead, too.
+    let (a, b, c, d) = (make(0), make(1), make(3), make(20).prefetch(1));
     for _ in 0..2 {
-        let (ea, eb, ec) = (epoch(&a), epoch(&b), epoch(&c));
+        let ea = epoch(&a);
         assert_eq!(ea.len(), 5);
-        for ((xa, ya), ((xb, yb), (xc, yc))) in ea.iter().zip(eb.iter().zip(ec.iter())) {
-            assert!(xa.equal(xb) && xa.equal(xc));
-            assert!(ya.equal(yb) && ya.equal(yc));
+        for other in [epoch(&b), epoch(&c), epoch(&d)] {
+            assert_eq!(other.len(), 5);
+            for ((xa, ya), (xo, yo)) in ea.iter().zip(&other) {
+                assert!(xa.equal(xo) && ya.equal(yo));
+            }
         }
     }
 }
@@ -124,6 +127,11 @@ fn a_bad_file_or_transform_is_an_error_not_a_panic() {
     .unwrap();
     let err = loose.iter().next().unwrap().unwrap_err().to_string();
     assert!(err.contains("fixed-size crop or resize"), "{err}");
+    let err = loose.num_workers(3).iter().next().unwrap().unwrap_err();
+    assert!(
+        err.to_string().contains("fixed-size crop or resize"),
+        "{err}"
+    );
 
     let images_only = DataLoader::new(set, Compose::new().then(CenterCrop::new(8)), 2).unwrap();
     let err = images_only.iter().next().unwrap().unwrap_err().to_string();
@@ -142,4 +150,43 @@ fn dropping_an_epoch_early_stops_its_workers() {
     assert!(it.next().unwrap().is_ok());
     drop(it); // must return, not hang
     assert_eq!(epoch(&loader).len(), 14);
+}
+
+/// Panics on images of odd width: a stand-in for a transform with a bug.
+#[derive(Debug)]
+struct PanicsOnOddWidth;
+
+impl Transform for PanicsOnOddWidth {
+    fn apply(&self, x: Sample, _rng: &mut dyn rand::RngCore) -> d2l::Result<Sample> {
+        if let Sample::Image(img) = &x {
+            assert!(img.width() % 2 == 0, "odd width {}", img.width());
+        }
+        Ok(x)
+    }
+}
+
+#[test]
+fn a_panicking_transform_fails_its_batch_and_the_epoch_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let set = tiny_set(dir.path());
+    let augs = Compose::new()
+        .then(PanicsOnOddWidth)
+        .then(CenterCrop::new(8))
+        .then(ToTensor);
+    for workers in [0, 3] {
+        let loader = DataLoader::new(set.clone(), augs.clone(), 2)
+            .unwrap()
+            .num_workers(workers);
+        let results: Vec<_> = loader.iter().collect();
+        assert_eq!(results.len(), 7, "workers {workers}");
+        let errors: Vec<String> = results
+            .iter()
+            .filter_map(|r| r.as_ref().err().map(|e| e.to_string()))
+            .collect();
+        assert!(
+            !errors.is_empty() && errors.len() < 7,
+            "workers {workers}: {errors:?}"
+        );
+        assert!(errors.iter().all(|e| e.contains("panicked")), "{errors:?}");
+    }
 }

@@ -1,8 +1,10 @@
 //! A `DataLoader` for image folders: seeded shuffling, worker threads that decode and augment in
 //! parallel, bounded prefetch, and batches as tch tensors.
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver};
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use rand::seq::SliceRandom;
@@ -69,13 +71,15 @@ impl DataLoader {
         self
     }
 
-    /// Threads that decode and augment; 0 does it on the calling thread.
+    /// Threads that decode and augment, sharing each batch's samples; 0 does it on the calling
+    /// thread.
     pub fn num_workers(mut self, n: usize) -> Self {
         self.num_workers = n;
         self
     }
 
-    /// Batches each worker may have ready ahead of use (PyTorch's `prefetch_factor`, default 2).
+    /// Batches a worker may have ready ahead of use (PyTorch's `prefetch_factor`, default 2): the
+    /// workers together stay at most `prefetch * num_workers` batches ahead.
     pub fn prefetch(mut self, n: usize) -> Self {
         self.prefetch = n.max(1);
         self
@@ -132,21 +136,9 @@ impl DataLoader {
             pin_memory: self.pin_memory && tch::Cuda::is_available(),
         });
         let num_batches = self.len();
-        let mut workers = Vec::new();
-        for w in 0..self.num_workers.min(num_batches) {
-            let (tx, rx) = sync_channel(self.prefetch);
-            let plan = plan.clone();
-            let n = self.num_workers;
-            let handle = std::thread::spawn(move || {
-                for b in (w..num_batches).step_by(n) {
-                    // A closed channel means the epoch was dropped: stop quietly.
-                    if tx.send(plan.batch(b)).is_err() {
-                        break;
-                    }
-                }
-            });
-            workers.push((rx, handle));
-        }
+        let num_workers = self.num_workers.min(plan.order.len());
+        let workers =
+            (num_workers > 0).then(|| Workers::start(plan.clone(), num_workers, self.prefetch));
         Batches {
             plan,
             next: 0,
@@ -176,43 +168,70 @@ struct Plan {
 }
 
 impl Plan {
-    /// Batch `b`: decode, transform and stack its samples.
-    fn batch(&self, b: usize) -> Result<Batch> {
+    /// The samples of batch `b`: positions in `order`.
+    fn positions(&self, b: usize) -> std::ops::Range<usize> {
         let start = b * self.batch_size;
-        let positions = start..(start + self.batch_size).min(self.order.len());
-        let n = positions.len();
-        let mut images = Vec::with_capacity(n);
-        let mut labels = Vec::with_capacity(n);
+        start..(start + self.batch_size).min(self.order.len())
+    }
+
+    /// Sample `k` of the epoch, decoded and transformed, with its label. A panic in decoding or
+    /// in a transform becomes an error for the sample's batch, on every thread alike.
+    fn sample(&self, k: usize) -> Result<(ImageTensor, i64)> {
+        let (path, label) = &self.dataset.samples()[self.order[k]];
+        let mut rng = ChaCha8Rng::seed_from_u64(mix(self.seed, self.epoch, k as u64));
+        let transformed = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            self.transform
+                .apply(Sample::Image(load_rgb(path)?), &mut rng)
+        }))
+        .unwrap_or_else(|_| {
+            Err(Error::Dataset {
+                path: path.clone(),
+                msg: "decoding or a transform panicked (its message is above)".into(),
+            })
+        })?;
+        match transformed {
+            Sample::Tensor(t) => Ok((t, *label)),
+            Sample::Image(_) => Err(Error::Invalid(
+                "DataLoader: the transform must end with ToTensor (it returned an image)".into(),
+            )),
+        }
+    }
+
+    /// Batch `b` on the calling thread: decode, transform and stack its samples.
+    fn batch(&self, b: usize) -> Result<Batch> {
+        let positions = self.positions(b);
+        let mut images = Vec::with_capacity(positions.len());
+        let mut labels = Vec::with_capacity(positions.len());
         for k in positions {
-            let (path, label) = &self.dataset.samples()[self.order[k]];
-            let mut rng = ChaCha8Rng::seed_from_u64(mix(self.seed, self.epoch, k as u64));
-            let sample = self
-                .transform
-                .apply(Sample::Image(load_rgb(path)?), &mut rng)?;
-            let Sample::Tensor(t) = sample else {
-                return Err(Error::Invalid(
-                    "DataLoader: the transform must end with ToTensor (it returned an image)"
-                        .into(),
-                ));
-            };
-            if let Some(first) = images
-                .first()
-                .filter(|f: &&ImageTensor| (f.height, f.width) != (t.height, t.width))
-            {
-                return Err(Error::Dataset {
-                    path: path.clone(),
-                    msg: format!(
-                        "transformed to {}x{}, but the batch's first image is {}x{}: \
-                         end the transform with a fixed-size crop or resize",
-                        t.height, t.width, first.height, first.width
-                    ),
-                });
+            let (t, label) = self.sample(k)?;
+            if let Some(first) = images.first() {
+                self.check_size(k, &t, first)?;
             }
             images.push(t);
-            labels.push(*label);
+            labels.push(label);
         }
         let x = stack(&images)?; // [n, 3, h, w]
-        let y = Tensor::f_from_slice(&labels)?; // [n]
+        self.finish(x, &labels)
+    }
+
+    /// An error unless sample `k` has the size of `other`, an image of the same batch.
+    fn check_size(&self, k: usize, t: &ImageTensor, other: &ImageTensor) -> Result<()> {
+        if (t.height, t.width) == (other.height, other.width) {
+            return Ok(());
+        }
+        Err(Error::Dataset {
+            path: self.dataset.samples()[self.order[k]].0.clone(),
+            msg: format!(
+                "transformed to {}x{}, but another image of its batch is {}x{}: \
+                 end the transform with a fixed-size crop or resize",
+                t.height, t.width, other.height, other.width
+            ),
+        })
+    }
+
+    /// The batch's labels as a tensor, both pinned if asked.
+    fn finish(&self, x: Tensor, labels: &[i64]) -> Result<Batch> {
+        let y = Tensor::f_from_slice(labels)?; // [n]
         if self.pin_memory {
             return Ok((
                 x.f_pin_memory(Device::Cuda(0))?,
@@ -221,6 +240,229 @@ impl Plan {
         }
         Ok((x, y))
     }
+}
+
+/// Worker threads for one epoch. They take the epoch's samples one at a time, in order, and
+/// write each into its batch's tensor, so that all of them work on the first batch at the start
+/// of an epoch (a worker a batch would make the first batch wait for one thread to decode all of
+/// it). The thread that completes a batch pins it and sends it; `Batches` puts batches back in
+/// order. Workers stay at most `prefetch * workers` batches ahead of the consumer.
+struct Workers {
+    shared: Arc<Shared>,
+    rx: Receiver<(usize, Result<Batch>)>,
+    done: BTreeMap<usize, Result<Batch>>,
+    handles: Vec<JoinHandle<()>>,
+}
+
+struct Shared {
+    plan: Arc<Plan>,
+    /// The next sample to take.
+    next_sample: AtomicUsize,
+    /// Batches being filled.
+    slots: Mutex<HashMap<usize, Slot>>,
+    /// Batches handed out so far, and the wake-up for workers waiting on it.
+    consumed: Mutex<usize>,
+    wake: Condvar,
+    ahead: usize,
+    stop: AtomicBool,
+}
+
+/// A batch being filled by several workers.
+struct Slot {
+    /// `[n, 3, h, w]`, allocated by the first sample to arrive, with that sample.
+    x: Option<(Tensor, ImageTensor)>,
+    labels: Vec<i64>,
+    filled: usize,
+    error: Option<Error>,
+}
+
+impl Workers {
+    fn start(plan: Arc<Plan>, n: usize, prefetch: usize) -> Workers {
+        let (tx, rx) = channel();
+        let shared = Arc::new(Shared {
+            plan,
+            next_sample: AtomicUsize::new(0),
+            slots: Mutex::new(HashMap::new()),
+            consumed: Mutex::new(0),
+            wake: Condvar::new(),
+            ahead: prefetch * n,
+            stop: AtomicBool::new(false),
+        });
+        let handles = (0..n)
+            .map(|_| {
+                let (shared, tx) = (shared.clone(), tx.clone());
+                std::thread::spawn(move || shared.work(&tx))
+            })
+            .collect();
+        Workers {
+            shared,
+            rx,
+            done: BTreeMap::new(),
+            handles,
+        }
+    }
+
+    /// Batch `b`, waiting for it if needed; then lets the workers move on.
+    fn take(&mut self, b: usize) -> Result<Batch> {
+        let batch = loop {
+            if let Some(batch) = self.done.remove(&b) {
+                break batch;
+            }
+            match self.rx.recv() {
+                Ok((i, batch)) => {
+                    self.done.insert(i, batch);
+                }
+                Err(_) => {
+                    break Err(Error::Invalid(format!(
+                        "DataLoader: the workers stopped before batch {b} was ready"
+                    )))
+                }
+            }
+        };
+        *lock(&self.shared.consumed) = b + 1;
+        self.shared.wake.notify_all();
+        batch
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        {
+            // Under the lock, so that no worker misses the wake-up between its check and its wait.
+            let _consumed = lock(&self.shared.consumed);
+            self.shared.wake.notify_all();
+        }
+        for h in self.handles.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Shared {
+    fn work(&self, tx: &Sender<(usize, Result<Batch>)>) {
+        let plan = &self.plan;
+        loop {
+            let k = self.next_sample.fetch_add(1, Ordering::SeqCst);
+            if k >= plan.order.len() || self.stop.load(Ordering::SeqCst) {
+                return;
+            }
+            let b = k / plan.batch_size;
+            {
+                let mut consumed = lock(&self.consumed);
+                while b >= *consumed + self.ahead && !self.stop.load(Ordering::SeqCst) {
+                    consumed = self
+                        .wake
+                        .wait(consumed)
+                        .unwrap_or_else(|poisoned| poisoned.into_inner());
+                }
+            }
+            if self.stop.load(Ordering::SeqCst) {
+                return;
+            }
+            if let Some((b, batch)) = self.place(k, b, plan.sample(k)) {
+                if tx.send((b, batch)).is_err() {
+                    return; // the epoch was dropped
+                }
+            }
+        }
+    }
+
+    /// Writes sample `k` into batch `b`; returns the batch if this completed it.
+    fn place(
+        &self,
+        k: usize,
+        b: usize,
+        sample: Result<(ImageTensor, i64)>,
+    ) -> Option<(usize, Result<Batch>)> {
+        let plan = &self.plan;
+        let positions = plan.positions(b);
+        let (n, row) = (positions.len(), k - positions.start);
+        // Under the lock: find (or allocate) the batch's tensor and this sample's place in it.
+        let dst = {
+            let mut slots = lock(&self.slots);
+            let slot = slots.entry(b).or_insert_with(|| Slot {
+                x: None,
+                labels: vec![0; n],
+                filled: 0,
+                error: None,
+            });
+            match sample {
+                Err(e) => {
+                    slot.error.get_or_insert(e);
+                    None
+                }
+                Ok(_) if slot.error.is_some() => None,
+                Ok((t, label)) => {
+                    slot.labels[row] = label;
+                    match &slot.x {
+                        Some((_, first)) => match plan.check_size(k, &t, first) {
+                            Err(e) => {
+                                slot.error = Some(e);
+                                None
+                            }
+                            Ok(()) => Some((slot.x.as_ref().map(|x| x.0.data_ptr() as usize), t)),
+                        },
+                        None => match Tensor::f_empty(
+                            [n as i64, 3, t.height as i64, t.width as i64],
+                            (Kind::Float, Device::Cpu),
+                        ) {
+                            Err(e) => {
+                                slot.error = Some(e.into());
+                                None
+                            }
+                            Ok(x) => {
+                                let ptr = x.data_ptr() as usize;
+                                let shape = ImageTensor {
+                                    data: Vec::new(),
+                                    height: t.height,
+                                    width: t.width,
+                                };
+                                slot.x = Some((x, shape));
+                                Some((Some(ptr), t))
+                            }
+                        },
+                    }
+                }
+            }
+        };
+        // Outside the lock: copy the pixels into this sample's row.
+        if let Some((Some(ptr), t)) = dst {
+            let len = t.data.len();
+            // SAFETY: `ptr` is the data of the slot's contiguous f32 tensor `[n, 3, h, w]`, which
+            // the slot keeps alive until every row is filled (`filled` counts this row only
+            // below); `t` has `3 * h * w` values (checked against the slot's size), and row
+            // `row` is written by this thread alone.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    t.data.as_ptr(),
+                    (ptr as *mut f32).add(row * len),
+                    len,
+                );
+            }
+        }
+        let finished = {
+            let mut slots = lock(&self.slots);
+            let slot = slots.get_mut(&b)?;
+            slot.filled += 1;
+            if slot.filled < n {
+                return None;
+            }
+            slots.remove(&b)?
+        };
+        let batch = match (finished.error, finished.x) {
+            (Some(e), _) => Err(e),
+            (None, Some((x, _))) => plan.finish(x, &finished.labels),
+            (None, None) => Err(Error::Invalid(format!("DataLoader: batch {b} is empty"))),
+        };
+        Some((b, batch))
+    }
+}
+
+/// A mutex's data, also after a thread panicked while holding it (the data stay consistent: each
+/// critical section here finishes its updates before anything can panic).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Lets freed image buffers be reused instead of returned to the system and faulted in again.
@@ -278,7 +520,7 @@ pub struct Batches {
     plan: Arc<Plan>,
     next: usize,
     num_batches: usize,
-    workers: Vec<(Receiver<Result<Batch>>, JoinHandle<()>)>,
+    workers: Option<Workers>,
 }
 
 impl Batches {
@@ -297,15 +539,10 @@ impl Iterator for Batches {
         }
         let b = self.next;
         self.next += 1;
-        if self.workers.is_empty() {
-            return Some(self.plan.batch(b));
-        }
-        let (rx, _) = &self.workers[b % self.workers.len()];
-        Some(rx.recv().unwrap_or_else(|_| {
-            Err(Error::Invalid(format!(
-                "DataLoader: the worker for batch {b} stopped unexpectedly"
-            )))
-        }))
+        Some(match &mut self.workers {
+            Some(workers) => workers.take(b),
+            None => self.plan.batch(b),
+        })
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
@@ -314,20 +551,3 @@ impl Iterator for Batches {
 }
 
 impl ExactSizeIterator for Batches {}
-
-impl Drop for Batches {
-    fn drop(&mut self) {
-        // Close the channels first so that blocked workers stop, then wait for them.
-        let workers: Vec<_> = self.workers.drain(..).collect();
-        let handles: Vec<_> = workers
-            .into_iter()
-            .map(|(rx, h)| {
-                drop(rx);
-                h
-            })
-            .collect();
-        for h in handles {
-            let _ = h.join();
-        }
-    }
-}
