@@ -200,12 +200,12 @@ impl Plan {
     /// Batch `b` on the calling thread: decode, transform and stack its samples.
     fn batch(&self, b: usize) -> Result<Batch> {
         let positions = self.positions(b);
-        let mut images = Vec::with_capacity(positions.len());
+        let mut images: Vec<ImageTensor> = Vec::with_capacity(positions.len());
         let mut labels = Vec::with_capacity(positions.len());
         for k in positions {
             let (t, label) = self.sample(k)?;
             if let Some(first) = images.first() {
-                self.check_size(k, &t, first)?;
+                self.check_size(k, &t, (first.height, first.width))?;
             }
             images.push(t);
             labels.push(label);
@@ -215,8 +215,8 @@ impl Plan {
     }
 
     /// An error unless sample `k` has the size of `other`, an image of the same batch.
-    fn check_size(&self, k: usize, t: &ImageTensor, other: &ImageTensor) -> Result<()> {
-        if (t.height, t.width) == (other.height, other.width) {
+    fn check_size(&self, k: usize, t: &ImageTensor, other: (usize, usize)) -> Result<()> {
+        if (t.height, t.width) == other {
             return Ok(());
         }
         Err(Error::Dataset {
@@ -224,7 +224,7 @@ impl Plan {
             msg: format!(
                 "transformed to {}x{}, but another image of its batch is {}x{}: \
                  end the transform with a fixed-size crop or resize",
-                t.height, t.width, other.height, other.width
+                t.height, t.width, other.0, other.1
             ),
         })
     }
@@ -269,11 +269,40 @@ struct Shared {
 
 /// A batch being filled by several workers.
 struct Slot {
-    /// `[n, 3, h, w]`, allocated by the first sample to arrive, with that sample.
-    x: Option<(Tensor, ImageTensor)>,
+    /// `[n, 3, h, w]`, allocated by the first sample to arrive, with its `(h, w)`.
+    x: Option<(Tensor, (usize, usize))>,
     labels: Vec<i64>,
     filled: usize,
     error: Option<Error>,
+}
+
+impl Slot {
+    /// Records the label of sample `k` (row `row` of the batch) and returns where its pixels go,
+    /// the address of the batch's data, with the pixels; `None` once the batch has failed.
+    fn reserve(
+        &mut self,
+        plan: &Plan,
+        k: usize,
+        row: usize,
+        sample: Result<(ImageTensor, i64)>,
+    ) -> Result<Option<(usize, ImageTensor)>> {
+        let (t, label) = sample?;
+        if self.error.is_some() {
+            return Ok(None);
+        }
+        self.labels[row] = label;
+        if self.x.is_none() {
+            let n = self.labels.len() as i64;
+            let x = Tensor::f_empty(
+                [n, 3, t.height as i64, t.width as i64],
+                (Kind::Float, Device::Cpu),
+            )?;
+            self.x = Some((x, (t.height, t.width)));
+        }
+        let (x, size) = self.x.as_ref().expect("allocated above");
+        plan.check_size(k, &t, *size)?;
+        Ok(Some((x.data_ptr() as usize, t)))
+    }
 }
 
 impl Workers {
@@ -387,47 +416,16 @@ impl Shared {
                 filled: 0,
                 error: None,
             });
-            match sample {
+            match slot.reserve(plan, k, row, sample) {
+                Ok(dst) => dst,
                 Err(e) => {
                     slot.error.get_or_insert(e);
                     None
                 }
-                Ok(_) if slot.error.is_some() => None,
-                Ok((t, label)) => {
-                    slot.labels[row] = label;
-                    match &slot.x {
-                        Some((_, first)) => match plan.check_size(k, &t, first) {
-                            Err(e) => {
-                                slot.error = Some(e);
-                                None
-                            }
-                            Ok(()) => Some((slot.x.as_ref().map(|x| x.0.data_ptr() as usize), t)),
-                        },
-                        None => match Tensor::f_empty(
-                            [n as i64, 3, t.height as i64, t.width as i64],
-                            (Kind::Float, Device::Cpu),
-                        ) {
-                            Err(e) => {
-                                slot.error = Some(e.into());
-                                None
-                            }
-                            Ok(x) => {
-                                let ptr = x.data_ptr() as usize;
-                                let shape = ImageTensor {
-                                    data: Vec::new(),
-                                    height: t.height,
-                                    width: t.width,
-                                };
-                                slot.x = Some((x, shape));
-                                Some((Some(ptr), t))
-                            }
-                        },
-                    }
-                }
             }
         };
         // Outside the lock: copy the pixels into this sample's row.
-        if let Some((Some(ptr), t)) = dst {
+        if let Some((ptr, t)) = dst {
             let len = t.data.len();
             // SAFETY: `ptr` is the data of the slot's contiguous f32 tensor `[n, 3, h, w]`, which
             // the slot keeps alive until every row is filled (`filled` counts this row only
