@@ -67,7 +67,7 @@ def main():
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--workers", type=int, default=os.cpu_count())
-    ap.add_argument("--options", action="store_true", help="also Rust with bf16 autocast and channels-last")
+    ap.add_argument("--options", action="store_true", help="also Rust with bf16 autocast and channels-last (a GPU option; runs on the CPU too)")
     ap.add_argument("--notebook", action="store_true", help="also time the chapter notebook cold and warm")
     ap.add_argument("--notebook-only", action="store_true", help="only time the chapter notebook cold and warm")
     ap.add_argument("--out", type=Path, default=ROOT / "target" / "bench" / "compare.json")
@@ -104,7 +104,7 @@ def main():
         # libtorch's (oneDNN's) convolution in every layer: PyTorch's kernels exactly, so that the
         # table shows what the small-output im2col path adds and what the rest of the pipeline does.
         impls["rust-no-im2col"] = impls["rust"] + ["--no-im2col"]
-    if args.options and args.device == "cuda":
+    if args.options:
         impls["rust-bf16-cl"] = impls["rust"] + ["--bf16", "--channels-last"]
     step_size = ["--crop", args.crop, "--batch", args.batch, "--steps", args.steps, "--device", args.device]
     steps = {
@@ -113,7 +113,7 @@ def main():
     }
     if args.device == "cpu":
         steps["rust-no-im2col"] = steps["rust"] + ["--no-im2col"]
-    if args.options and args.device == "cuda":
+    if args.options:
         steps["rust-bf16-cl"] = steps["rust"] + ["--bf16", "--channels-last"]
 
     results = {name: [] for name in impls}

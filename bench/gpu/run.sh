@@ -3,17 +3,25 @@
 # generates the hotdog-like data there, runs Rust and both PyTorch variants at the book's settings
 # (224 px, batch 128) plus Rust with bf16 + channels-last, and writes compare-gpu.json and its log
 # under $OUT. Sized for about 5 minutes of device time.
+#
+# Arguments after the script's name go to bench/compare.py after its own (the last one wins), and
+# D2L_BENCH_DEVICE=cpu skips the CUDA checks: scripts/test runs this very script that way on a tiny
+# set with the debug binaries (D2L_BENCH_BIN), so that the GPU run's path keeps working.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${TORCH_PY:-/opt/torch/.venv/bin/python}
+BIN=${D2L_BENCH_BIN:-gpu-bin}
+DEVICE=${D2L_BENCH_DEVICE:-cuda}
 TORCH_LIB=$("$PY" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
 export LD_LIBRARY_PATH=$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 OUT=${OUT:-target/bench}
 mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-"$PY" -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__)' | tee -a "$OUT/gpu.txt"
-# Fails fast if the binary cannot use CUDA.
-gpu-bin/bench_train step --device cuda --crop 224 --batch 128 --steps 3 | tee -a "$OUT/gpu.txt"
-"$PY" bench/compare.py --bin-dir gpu-bin --python "$PY" --device cuda --crop 224 --resize 256 --batch 128 \
+"$PY" -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__)' | tee "$OUT/gpu.txt"
+if [ "$DEVICE" = cuda ]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/gpu.txt"
+  # Fails fast if the binary cannot use CUDA.
+  "$BIN/bench_train" step --device cuda --crop 224 --batch 128 --steps 3 | tee -a "$OUT/gpu.txt"
+fi
+"$PY" bench/compare.py --bin-dir "$BIN" --python "$PY" --device "$DEVICE" --crop 224 --resize 256 --batch 128 \
   --epochs 2 --steps 20 --reps 2 --per-class "${PER_CLASS:-1000}" --workers "$(nproc)" --options \
-  --data /tmp/d2l-bench-data --out "$OUT/compare-gpu.json" 2>&1 | tee "$OUT/compare-gpu.log"
+  --data /tmp/d2l-bench-data --out "$OUT/compare-gpu.json" "$@" 2>&1 | tee "$OUT/compare-gpu.log"
