@@ -89,17 +89,25 @@ def train_batch_ch13(net, X, y, loss, trainer, devices):
     return l.sum(), accuracy(pred, y)
 
 
-def train_ch13(net, train_iter, test_iter, loss, trainer, num_epochs, devices):
+def train_ch13(net, train_iter, test_iter, loss, trainer, num_epochs, devices, timing):
+    # d2l's, plus `timing` (not in the book): seconds spent waiting for the training loader's
+    # batches and evaluating, to set beside the Rust side's `History::timing`.
     timer, num_batches = Timer(), len(train_iter)
     net = nn.DataParallel(net, device_ids=devices).to(devices[0]) if devices[0].type == "cuda" else net
     for epoch in range(num_epochs):
         metric = Accumulator(4)
+        waiting = time.perf_counter()
         for i, (features, labels) in enumerate(train_iter):
+            timing["data_wait_s"] += time.perf_counter() - waiting
             timer.start()
             l, acc = train_batch_ch13(net, features, labels, loss, trainer, devices)
             metric.add(l, acc, labels.shape[0], labels.numel())
             timer.stop()
+            waiting = time.perf_counter()
+        evaluating = time.perf_counter()
         test_acc = evaluate_accuracy_gpu(net, test_iter)
+        timing["eval_s"] += time.perf_counter() - evaluating
+    timing["step_s"] = timer.sum()
     print(f'loss {metric[0] / metric[2]:.3f}, train acc {metric[1] / metric[3]:.3f}, test acc {test_acc:.3f}',
           file=os.sys.stderr)
     return metric[2] * num_epochs / timer.sum(), test_acc
@@ -174,10 +182,12 @@ def main():
     first_batch_s = time.perf_counter() - t
     del first
     t = time.perf_counter()
-    examples_per_s, test_acc = train_ch13(net, train_iter, test_iter, loss, trainer, args.epochs, devices)
+    timing = {"data_wait_s": 0.0, "eval_s": 0.0}
+    examples_per_s, test_acc = train_ch13(net, train_iter, test_iter, loss, trainer, args.epochs, devices, timing)
     if device.type == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - t
+    timing["wall_s"] = wall
     own, workers = peak_rss_mib()
     print(json.dumps({
         "impl": f"torch-{args.variant}", "mode": "e2e", "batch": args.batch, "crop": args.crop,
@@ -185,7 +195,7 @@ def main():
         "test_images": len(test_set), "d2l_examples_per_s": examples_per_s,
         "epoch_wall_s": wall / args.epochs, "e2e_images_per_s": len(train_set) * args.epochs / wall,
         "first_batch_s": first_batch_s, "peak_rss_mib": own, "peak_rss_worker_mib": workers,
-        "process_s": time.perf_counter() - START, "test_acc": test_acc,
+        "process_s": time.perf_counter() - START, "test_acc": test_acc, "timing": timing,
     }))
 
 

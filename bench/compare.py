@@ -9,6 +9,8 @@ pinned memory, persistent workers), same batch, image size, epochs and generated
   (loading, augmentation, training, evaluation), time to the first batch, peak RSS;
 - the limit: the training step alone on tensors already on the device; end-to-end throughput is
   reported as a fraction of it;
+- where each end-to-end run's time went: the steps (d2l's timer), waiting for the training
+  loader, evaluation, the rest;
 - on the CPU, Rust a second time with `--no-im2col` (libtorch's convolution in every layer, PyTorch's
   kernels exactly), to show how much the im2col path for small convolution outputs adds;
 - the data pipeline alone (decode + augment, one worker and all cores, Rust vs PIL), at the
@@ -67,7 +69,8 @@ def main():
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--workers", type=int, default=os.cpu_count())
-    ap.add_argument("--options", action="store_true", help="also Rust with bf16 autocast and channels-last (a GPU option; runs on the CPU too)")
+    ap.add_argument("--options", action="store_true", help="also Rust with bf16 autocast and channels-last (a GPU option; runs on the CPU too), "
+                                                            "and Rust's step with its batch copied from pinned host memory")
     ap.add_argument("--notebook", action="store_true", help="also time the chapter notebook cold and warm")
     ap.add_argument("--notebook-only", action="store_true", help="only time the chapter notebook cold and warm")
     ap.add_argument("--out", type=Path, default=ROOT / "target" / "bench" / "compare.json")
@@ -115,6 +118,8 @@ def main():
         steps["rust-no-im2col"] = steps["rust"] + ["--no-im2col"]
     if args.options:
         steps["rust-bf16-cl"] = steps["rust"] + ["--bf16", "--channels-last"]
+        # The step with the copy to the device that e2e makes each step (the same on the CPU).
+        steps["rust-host-input"] = steps["rust"] + ["--host-input"]
 
     results = {name: [] for name in impls}
     step_results = {name: [] for name in steps}
@@ -151,6 +156,7 @@ def main():
         limit = median(step_results[step_name], "images_per_s")
         s["step_only_images_per_s"] = limit
         s["fraction_of_step_only"] = s["e2e_images_per_s"] / limit if limit else None
+        s["time_shares"] = time_shares(rows)
         summary[name] = s
     ratios = {
         "rust_vs_torch_book_e2e": summary["rust"]["e2e_images_per_s"] / summary["torch-book"]["e2e_images_per_s"],
@@ -158,6 +164,9 @@ def main():
         "rust_vs_torch_book_d2l": summary["rust"]["d2l_examples_per_s"] / summary["torch-book"]["d2l_examples_per_s"],
         "rust_vs_torch_step_only": median(step_results["rust"], "images_per_s") / median(step_results["torch"], "images_per_s"),
     }
+    if "rust-host-input" in step_results:
+        ratios["rust_step_host_input_vs_step"] = (median(step_results["rust-host-input"], "images_per_s")
+                                                  / median(step_results["rust"], "images_per_s"))
     if "rust-no-im2col" in summary:
         base = summary["rust-no-im2col"]["e2e_images_per_s"]
         ratios["rust_no_im2col_vs_torch_book_e2e"] = base / summary["torch-book"]["e2e_images_per_s"]
@@ -180,6 +189,13 @@ def main():
         rss = f"{s['peak_rss_mib']:.0f}" + (f"+{s['peak_rss_worker_mib']:.0f}w" if s.get("peak_rss_worker_mib") else "")
         print(f"{name:15s} {s['e2e_images_per_s']:11.1f} {s['d2l_examples_per_s']:10.1f} {s['epoch_wall_s']:8.2f} "
               f"{s['first_batch_s']:9.3f} {rss:>9s} {s['step_only_images_per_s']:10.1f} {s['fraction_of_step_only']:8.1%}")
+    print("where the training loop's wall time went (medians): steps (d2l's timer), waiting for the "
+          "training loader, evaluation, the rest")
+    for name, s in summary.items():
+        print(f"{name:15s} " + "  ".join(f"{k} {v:6.1%}" for k, v in s["time_shares"].items()))
+    for name in steps:
+        if name not in summary and name != "torch":
+            print(f"step-only {name}: {median(step_results[name], 'images_per_s'):.1f} img/s")
     print("ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
     print("data pipeline alone (img/s): " + ", ".join(f"{k} workers {v:.1f}" for k, v in pipe.items()))
     if notebook:
@@ -197,6 +213,18 @@ def main():
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, default=str))
     print(f"wrote {args.out}")
+
+
+def time_shares(rows):
+    """Shares of the training loop's wall time, each run's then their medians: the steps (d2l's
+    timer), waiting for the training loader, evaluation, the rest (bookkeeping)."""
+    shares = []
+    for r in rows:
+        t = r["timing"]
+        rest = t["wall_s"] - t["step_s"] - t["data_wait_s"] - t["eval_s"]
+        shares.append({"steps": t["step_s"] / t["wall_s"], "wait": t["data_wait_s"] / t["wall_s"],
+                       "eval": t["eval_s"] / t["wall_s"], "rest": rest / t["wall_s"]})
+    return {k: median(shares, k) for k in ("steps", "wait", "eval", "rest")}
 
 
 def gpu_name():

@@ -4,14 +4,17 @@
 //! bench_train e2e  DATA_DIR [--crop 64] [--resize 72] [--batch 32] [--epochs 2] [--workers 2]
 //!                  [--device cpu|cuda] [--bf16] [--channels-last] [--no-im2col]
 //! bench_train step [--crop 64] [--batch 32] [--steps 20] [--device cpu|cuda] [--bf16] [--channels-last]
-//!                  [--no-im2col]
+//!                  [--no-im2col] [--host-input]
 //! ```
 //! `e2e`: `train_fine_tuning`'s path (ImageFolder, the chapter's augmentations, the loader,
 //! ResNet-18, SGD with the 10x group, summed loss, d2l's `train_ch13` with its timer): d2l's
 //! examples/sec, wall seconds an epoch (loading, augmentation, training, evaluation), time to the
 //! first batch, peak RSS. `step`: the training step alone on tensors already on the device, the
-//! limit that `e2e` is compared with. `--no-im2col`: libtorch's convolution in every layer (see
-//! `d2l::model::set_cpu_im2col`), to compare with PyTorch kernel for kernel.
+//! limit that `e2e` is compared with; with `--host-input` the batch stays in pinned host memory
+//! and each step copies it to the device, as in `e2e`. `e2e` also reports where its wall time
+//! went (`History::timing`: steps, waiting for batches, evaluation). `--device cuda` fails when
+//! no GPU is visible rather than measuring the CPU. `--no-im2col`: libtorch's convolution in
+//! every layer (see `d2l::model::set_cpu_im2col`), to compare with PyTorch kernel for kernel.
 use std::time::Instant;
 
 use d2l::data::transforms::*;
@@ -35,6 +38,7 @@ struct Args {
     /// libtorch's intra-op threads (0: its default, one a core).
     threads: usize,
     im2col: bool,
+    host_input: bool,
 }
 
 fn parse() -> Result<Args, String> {
@@ -54,6 +58,7 @@ fn parse() -> Result<Args, String> {
         step: StepOptions::default(),
         threads: 0,
         im2col: true,
+        host_input: false,
         mode,
     };
     while let Some(arg) = it.next() {
@@ -73,13 +78,19 @@ fn parse() -> Result<Args, String> {
             "--device" => {
                 a.device = match value("--device")?.as_str() {
                     "cpu" => Device::Cpu,
-                    "cuda" => d2l::try_gpu(0),
+                    "cuda" if d2l::num_gpus() > 0 => Device::Cuda(0),
+                    "cuda" => {
+                        return Err("--device cuda: libtorch sees no GPU (a CPU-only libtorch, \
+                                    or no driver?)"
+                            .into())
+                    }
                     other => return Err(format!("--device: cpu or cuda, not {other}")),
                 }
             }
             "--bf16" => a.step.bf16 = true,
             "--channels-last" => a.step.channels_last = true,
             "--no-im2col" => a.im2col = false,
+            "--host-input" => a.host_input = true,
             other if a.data.is_none() && !other.starts_with("--") => {
                 a.data = Some(other.to_owned())
             }
@@ -120,11 +131,15 @@ fn main() -> d2l::Result<()> {
     }
     let json = match a.mode.as_str() {
         "step" => {
-            let x = Tensor::randn(
+            let on = if a.host_input { Device::Cpu } else { a.device };
+            let mut x = Tensor::randn(
                 [a.batch as i64, 3, a.crop as i64, a.crop as i64],
-                (Kind::Float, a.device),
+                (Kind::Float, on),
             );
-            let y = Tensor::randint(2, [a.batch as i64], (Kind::Int64, a.device));
+            let mut y = Tensor::randint(2, [a.batch as i64], (Kind::Int64, on));
+            if a.host_input && a.device.is_cuda() {
+                (x, y) = (x.f_pin_memory(a.device)?, y.f_pin_memory(a.device)?);
+            }
             let mut dp = DataParallel::new(&net, &[a.device])?;
             for _ in 0..3 {
                 dp.train_batch(&x, &y, cross_entropy, &mut trainer, &a.step)?;
@@ -140,6 +155,7 @@ fn main() -> d2l::Result<()> {
                 "impl": "rust", "mode": "step", "batch": a.batch, "crop": a.crop, "steps": a.steps,
                 "images_per_s": (a.steps * a.batch) as f64 / secs,
                 "bf16": a.step.bf16, "channels_last": a.step.channels_last, "im2col": a.im2col,
+                "host_input": a.host_input, "device": format!("{:?}", a.device),
                 "peak_rss_mib": peak_rss_mib(),
             })
         }
@@ -205,7 +221,9 @@ fn main() -> d2l::Result<()> {
                 "peak_rss_mib": peak_rss_mib(),
                 "process_s": start.elapsed().as_secs_f64(),
                 "test_acc": h.test_acc,
+                "timing": h.timing,
                 "bf16": a.step.bf16, "channels_last": a.step.channels_last, "im2col": a.im2col,
+                "device": format!("{:?}", a.device),
             })
         }
         other => {

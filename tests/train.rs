@@ -111,8 +111,24 @@ fn tiny_run_gives_history_and_d2l_result_lines() {
         second.ends_with(" examples/sec on [device(type='cpu')]"),
         "{second}"
     );
+    // Where the wall time went: steps (d2l's timer), waiting for batches, evaluation, all inside
+    // the run's wall time and each taken (2 epochs of 3 training batches and 1 test batch).
+    let t = &history.timing;
+    assert!(
+        t.step_s > 0.0 && t.data_wait_s > 0.0 && t.eval_s > 0.0,
+        "{t:?}"
+    );
+    assert!(t.step_s + t.data_wait_s + t.eval_s <= t.wall_s, "{t:?}");
+    assert!(
+        (history.examples_per_sec - 2.0 * 12.0 / t.step_s).abs() < 1e-6 * history.examples_per_sec
+    );
     let json = serde_json::to_string(&history).unwrap();
-    assert!(json.contains("\"examples_per_sec\""));
+    assert!(json.contains("\"examples_per_sec\"") && json.contains("\"data_wait_s\""));
+    // Histories saved before `timing` existed still load.
+    let mut old: serde_json::Value = serde_json::from_str(&json).unwrap();
+    old.as_object_mut().unwrap().remove("timing");
+    let old: History = serde_json::from_value(old).unwrap();
+    assert_eq!(old.timing, Timing::default());
     assert_eq!(history.config["batch_size"], "4");
     assert_eq!(history.config["num_batches"], "3");
     assert_eq!(history.config["train_examples"], "12");

@@ -80,6 +80,24 @@ pub struct History {
     /// What the run was: epochs, batch size, batches an epoch, step options, and what the
     /// caller added ([`TrainOptions::config`]: learning rate, profile, ...).
     pub config: BTreeMap<String, String>,
+    /// Where the run's wall time went.
+    #[serde(default)]
+    pub timing: Timing,
+}
+
+/// Where a `train_ch13` run's wall time went, in seconds: d2l's timer covers only the steps;
+/// this also says how long the loop waited for the training loader and how long the evaluations
+/// took, so that an epoch slower than its steps can be explained.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Timing {
+    /// From the first epoch's start to the last evaluation's end.
+    pub wall_s: f64,
+    /// The training steps: d2l's timer, the copy to the device included.
+    pub step_s: f64,
+    /// Waiting for the training loader's next batch (an epoch's first included).
+    pub data_wait_s: f64,
+    /// The evaluations on the test set, its loading included.
+    pub eval_s: f64,
 }
 
 /// Options of [`train_ch13_with`] beyond d2l's arguments.
@@ -206,6 +224,7 @@ pub fn train_ch13_with<N: Replicate>(
     let mut points = Vec::new();
     let mut metric = Accumulator::new(4);
     let mut test_acc = 0.0;
+    let mut timing = Timing::default();
     let (start, mut seen, total_batches) = (
         std::time::Instant::now(),
         0.0,
@@ -213,7 +232,9 @@ pub fn train_ch13_with<N: Replicate>(
     );
     for epoch in 0..num_epochs {
         metric.reset();
+        let mut waiting = std::time::Instant::now();
         for (i, batch) in train_iter.iter().enumerate() {
+            timing.data_wait_s += waiting.elapsed().as_secs_f64();
             if super::interrupt::take_stop() {
                 return Err(Error::Interrupted {
                     epoch: epoch + 1,
@@ -247,8 +268,11 @@ pub fn train_ch13_with<N: Replicate>(
                     test_acc: None,
                 });
             }
+            waiting = std::time::Instant::now();
         }
+        let evaluating = std::time::Instant::now();
         test_acc = evaluate_accuracy_with(net, test_iter, devices[0], &opts.step)?;
+        timing.eval_s += evaluating.elapsed().as_secs_f64();
         if !opts.quiet {
             println!("epoch {}/{num_epochs}: test acc {test_acc:.3}", epoch + 1);
         }
@@ -288,6 +312,11 @@ pub fn train_ch13_with<N: Replicate>(
         examples_per_sec: metric[2] * num_epochs as f64 / timer.sum().max(1e-9),
         devices: devices_repr,
         config,
+        timing: Timing {
+            wall_s: start.elapsed().as_secs_f64(),
+            step_s: timer.sum(),
+            ..timing
+        },
     };
     for line in history.result_lines() {
         println!("{line}");

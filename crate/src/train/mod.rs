@@ -8,7 +8,7 @@ mod parallel;
 
 pub use ch13::{
     evaluate_accuracy_gpu, evaluate_accuracy_with, plot_points, train_batch_ch13, train_ch13,
-    train_ch13_with, History, Point, TrainOptions,
+    train_ch13_with, History, Point, Timing, TrainOptions,
 };
 pub use interrupt::{install_ctrl_c_handler, request_stop, stop_requested};
 pub use loss::{cross_entropy, sgd};
