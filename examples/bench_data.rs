@@ -12,7 +12,17 @@ use d2l::data::synthetic::{make_hotdog_dataset, HotdogConfig};
 use d2l::data::transforms::*;
 use d2l::data::{DataLoader, ImageFolder};
 
-fn main() -> d2l::Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> d2l::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arg =
         |i: usize, default: usize| args.get(i).and_then(|v| v.parse().ok()).unwrap_or(default);

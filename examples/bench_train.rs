@@ -115,7 +115,17 @@ fn sync(device: Device) {
     }
 }
 
-fn main() -> d2l::Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> d2l::Result<()> {
     let start = Instant::now();
     let a = parse().map_err(d2l::Error::Invalid)?;
     d2l::tch::manual_seed(0);
