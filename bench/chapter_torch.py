@@ -114,10 +114,32 @@ def train_ch13(net, train_iter, test_iter, loss, trainer, num_epochs, devices, t
 
 
 def peak_rss_mib():
-    # ru_maxrss of this process and, separately, of the largest worker (Linux: kB).
+    # ru_maxrss of this process and, separately, of the largest finished child (Linux: kB).
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return own, workers
+
+
+def proc_kib(pid, path, key):
+    try:
+        with open(f"/proc/{pid}/{path}") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def worker_memory_mib(*loaders):
+    """The live (persistent) DataLoader workers' memory: the sum of their peak RSS (VmHWM, which
+    counts pages shared with this process once a worker) and of their proportional set size now
+    (Pss: shared pages split between the processes that map them). RUSAGE_CHILDREN sees neither,
+    as the workers have not exited yet."""
+    pids = [w.pid for loader in loaders for w in getattr(getattr(loader, "_iterator", None), "_workers", [])]
+    hwm = sum(proc_kib(pid, "status", "VmHWM") for pid in pids) / 1024
+    pss = sum(proc_kib(pid, "smaps_rollup", "Pss") for pid in pids) / 1024
+    return len(pids), hwm, pss
 
 
 def main():
@@ -189,12 +211,16 @@ def main():
     wall = time.perf_counter() - t
     timing["wall_s"] = wall
     own, workers = peak_rss_mib()
+    n_workers, workers_hwm, workers_pss = worker_memory_mib(train_iter, test_iter)
+    if n_workers:
+        workers = workers_pss
     print(json.dumps({
         "impl": f"torch-{args.variant}", "mode": "e2e", "batch": args.batch, "crop": args.crop,
         "epochs": args.epochs, "workers": extra.get("num_workers", 0), "train_images": len(train_set),
         "test_images": len(test_set), "d2l_examples_per_s": examples_per_s,
         "epoch_wall_s": wall / args.epochs, "e2e_images_per_s": len(train_set) * args.epochs / wall,
         "first_batch_s": first_batch_s, "peak_rss_mib": own, "peak_rss_worker_mib": workers,
+        "worker_processes": n_workers, "workers_peak_rss_sum_mib": workers_hwm, "workers_pss_mib": workers_pss,
         "process_s": time.perf_counter() - START, "test_acc": test_acc, "timing": timing,
     }))
 
