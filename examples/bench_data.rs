@@ -13,13 +13,7 @@ use d2l::data::transforms::*;
 use d2l::data::{DataLoader, ImageFolder};
 
 fn main() -> std::process::ExitCode {
-    match run() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    d2l::exit_code(run())
 }
 
 fn run() -> d2l::Result<()> {

@@ -116,13 +116,7 @@ fn sync(device: Device) {
 }
 
 fn main() -> std::process::ExitCode {
-    match run() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    d2l::exit_code(run())
 }
 
 fn run() -> d2l::Result<()> {

@@ -18,17 +18,7 @@ use d2l::tch::nn::VarStore;
 use d2l::{show_images, ImageFolder, Result, DATA_HUB, DATA_URL};
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e @ d2l::Error::Interrupted { .. }) => {
-            eprintln!("stopped: {e}");
-            ExitCode::from(130)
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    d2l::exit_code(run())
 }
 
 fn run() -> Result<()> {

@@ -53,11 +53,59 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
+    /// The exit status a command reports for this error: 130 (the shell's status for Ctrl-C)
+    /// for [`Error::Interrupted`], 1 for the rest.
+    pub fn exit_status(&self) -> u8 {
+        match self {
+            Error::Interrupted { .. } => 130,
+            _ => 1,
+        }
+    }
+
     /// Wraps an I/O error with the path it happened on.
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
             source,
         }
+    }
+}
+
+/// Ends a command-line program: `Ok` is success; an error is printed on stderr as `error: ...`
+/// (a stop by Ctrl-C as `stopped: ...`) with its [`Error::exit_status`].
+///
+/// ```no_run
+/// fn run() -> d2l::Result<()> {
+///     Ok(())
+/// }
+/// fn main() -> std::process::ExitCode {
+///     d2l::exit_code(run())
+/// }
+/// ```
+pub fn exit_code(result: Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            let what = match e {
+                Error::Interrupted { .. } => "stopped",
+                _ => "error",
+            };
+            eprintln!("{what}: {e}");
+            std::process::ExitCode::from(e.exit_status())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stop_by_ctrl_c_exits_with_130_and_other_errors_with_1() {
+        let stop = Error::Interrupted { epoch: 1, batch: 2 };
+        assert_eq!(stop.exit_status(), 130);
+        assert_eq!(Error::Invalid("x".into()).exit_status(), 1);
+        assert_eq!(exit_code(Err(stop)), std::process::ExitCode::from(130));
+        assert_eq!(exit_code(Ok(())), std::process::ExitCode::SUCCESS);
     }
 }

@@ -31,6 +31,6 @@ pub use display::{
     evcxr_content, figures_dir, gradient_image, in_notebook, set_figures_dir, show_images,
     Animator, Png,
 };
-pub use error::{Error, Result};
+pub use error::{exit_code, Error, Result};
 pub use image;
 pub use tch;
