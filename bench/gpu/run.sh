@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU machine, from the repo root, with gpu-bin/ carried (bench/gpu/prepare.sh makes it):
 # generates the hotdog-like data there, runs Rust and both PyTorch variants at the book's settings
-# (224 px, batch 128) plus Rust with bf16 + channels-last, and writes compare-gpu.json and its log
-# under $OUT. Sized for about 5 minutes of device time.
+# (224 px, batch 128) plus Rust with bf16 + channels-last and Rust's step from pinned host memory,
+# and writes compare-gpu.json and its log under $OUT. Sized for about 5 minutes of device time.
 #
 # Arguments after the script's name go to bench/compare.py after its own (the last one wins), and
 # D2L_BENCH_DEVICE=cpu skips the CUDA checks: scripts/test runs this very script that way on a tiny
