@@ -19,7 +19,9 @@ pinned memory, persistent workers), same batch, image size, epochs and generated
   `:dep` time.
 
 Runs alternate (A B C A B C ...) and medians are compared, since shared machines are noisy.
-Prints a table and writes JSON (--out).
+Prints a table and writes JSON (--out). The JSON is rewritten after every run ("complete": false
+until the end), so a run stopped from outside keeps what it measured. A process that fails or runs
+past --run-timeout is listed under "failed" and the others go on; then the exit status is 1.
 
 Here (CPU):   $(python3 scripts/setup.py --torch cuda --print-venv)/bin/python bench/compare.py
 GPU machine:  bench/gpu/run.sh (see there)
@@ -29,6 +31,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -40,13 +43,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_json(cmd, env=None):
+def run_json(cmd, timeout=None):
+    """Runs one benchmark process and returns the JSON of its last line, or {"error": ...} when it
+    fails, prints no JSON or runs past `timeout` seconds (then its whole process group is killed,
+    DataLoader workers included), so that one failed row does not lose the others."""
     t = time.perf_counter()
-    out = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        sys.exit(f"bench: {' '.join(map(str, cmd))} failed ({out.returncode}):\n{out.stderr[-3000:]}")
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    result["process_wall_s"] = time.perf_counter() - t
+    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return {"error": f"timed out after {timeout} s (--run-timeout)", "process_wall_s": time.perf_counter() - t}
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        return {"error": f"exit status {proc.returncode}: {stderr.strip()[-2000:]}", "process_wall_s": wall}
+    try:
+        result = json.loads(stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        return {"error": f"printed no JSON on its last line: {stdout.strip()[-500:]!r}", "process_wall_s": wall}
+    result["process_wall_s"] = wall
     return result
 
 
@@ -60,7 +77,9 @@ def main():
     ap.add_argument("--bin-dir", type=Path, default=ROOT / "target" / "release" / "examples")
     ap.add_argument("--python", default=sys.executable, help="python with torch and torchvision")
     ap.add_argument("--data", type=Path, default=ROOT / "target" / "bench" / "chapter-data")
-    ap.add_argument("--per-class", type=int, default=300, help="training images per class (test: a quarter)")
+    ap.add_argument("--per-class", type=int, default=300, help="training images per class")
+    ap.add_argument("--test-per-class", type=int, default=None, help="test images per class (default: a quarter "
+                                                                     "of --per-class; the chapter's: 1000 and 400)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--crop", type=int, default=64)
     ap.add_argument("--resize", type=int, default=72)
@@ -73,6 +92,8 @@ def main():
                                                             "and Rust's step with its batch copied from pinned host memory")
     ap.add_argument("--notebook", action="store_true", help="also time the chapter notebook cold and warm")
     ap.add_argument("--notebook-only", action="store_true", help="only time the chapter notebook cold and warm")
+    ap.add_argument("--run-timeout", type=float, default=None,
+                    help="seconds one benchmark process may run; past it, it is killed and counted as failed")
     ap.add_argument("--out", type=Path, default=ROOT / "target" / "bench" / "compare.json")
     args = ap.parse_args()
 
@@ -90,9 +111,11 @@ def main():
         if not b.is_file():
             sys.exit(f"bench: {b} is missing: cargo build --release --example bench_train --example bench_data")
     t = time.perf_counter()
-    data = subprocess.run([bench_data, "make", args.data, str(args.per_class)], capture_output=True, text=True,
-                          check=True).stdout.strip().splitlines()[-1]
-    print(f"data: {data} ({args.per_class} + {args.per_class // 4} per class; {time.perf_counter() - t:.1f} s)",
+    if args.test_per_class is None:
+        args.test_per_class = args.per_class // 4
+    data = subprocess.run([bench_data, "make", args.data, str(args.per_class), str(args.test_per_class)],
+                          capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+    print(f"data: {data} ({args.per_class} + {args.test_per_class} per class; {time.perf_counter() - t:.1f} s)",
           flush=True)
 
     size = ["--crop", args.crop, "--resize", args.resize, "--batch", args.batch, "--epochs", args.epochs,
@@ -123,19 +146,56 @@ def main():
 
     results = {name: [] for name in impls}
     step_results = {name: [] for name in steps}
+    pipeline, failed = [], []
+    started, gpu = time.perf_counter(), gpu_name() if args.device == "cuda" else None
+
+    def save(complete):
+        """The report so far, after every run: a run that is stopped (a device's time limit) still
+        leaves every figure measured before it. Written whole, then renamed."""
+        report = {
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "complete": complete,
+            "elapsed_s": time.perf_counter() - started,
+            "machine": {"node": platform.node(), "cores": os.cpu_count(), "device": args.device, "gpu": gpu},
+            "settings": {k: v for k, v in vars(args).items() if k in ("crop", "resize", "batch", "epochs", "steps",
+                                                                        "reps", "workers", "per_class", "test_per_class")},
+            **summarize(results, step_results, pipeline, args.workers),
+            "failed": failed, "notebook": notebook,
+            "runs": {"e2e": results, "step": step_results, "pipeline": pipeline},
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_name(args.out.name + ".tmp")
+        tmp.write_text(json.dumps(report, indent=2, default=str))
+        tmp.replace(args.out)
+        return report
+
+    def measure(kind, name, cmd, rep, store, **extra):
+        """One run into `store` (with `extra`), or into `failed`; then the report is saved."""
+        r = run_json(cmd, args.run_timeout)
+        if "error" in r:
+            failed.append({"kind": kind, "row": name, "rep": rep + 1, "cmd": " ".join(map(str, cmd)), **r})
+            print(f"rep {rep + 1}/{args.reps} {name:15s} {kind} FAILED after {r['process_wall_s']:.1f} s: "
+                  f"{r['error'].splitlines()[-1]}", flush=True)
+            r = None
+        else:
+            store.append({**r, **extra})
+        save(complete=False)
+        return r
+
+    notebook = None
     for rep in range(args.reps):
         for name, cmd in impls.items():
-            r = run_json(cmd)
-            results[name].append(r)
-            print(f"rep {rep + 1}/{args.reps} {name:15s} e2e {r['e2e_images_per_s']:8.1f} img/s, "
-                  f"d2l {r['d2l_examples_per_s']:8.1f} examples/s, epoch {r['epoch_wall_s']:6.2f} s", flush=True)
+            r = measure("e2e", name, cmd, rep, results[name])
+            if r:
+                print(f"rep {rep + 1}/{args.reps} {name:15s} e2e {r['e2e_images_per_s']:8.1f} img/s, "
+                      f"d2l {r['d2l_examples_per_s']:8.1f} examples/s, epoch {r['epoch_wall_s']:6.2f} s "
+                      f"({r['process_wall_s']:.1f} s)", flush=True)
         for name, cmd in steps.items():
-            r = run_json(cmd)
-            step_results[name].append(r)
-            print(f"rep {rep + 1}/{args.reps} {name:15s} step-only {r['images_per_s']:8.1f} img/s", flush=True)
+            r = measure("step", name, cmd, rep, step_results[name])
+            if r:
+                print(f"rep {rep + 1}/{args.reps} {name:15s} step-only {r['images_per_s']:8.1f} img/s "
+                      f"({r['process_wall_s']:.1f} s)", flush=True)
 
     # The data pipeline alone at this image size: Rust threads vs torchvision processes.
-    pipeline = []
     for rep in range(args.reps):
         for workers in (0, args.workers):
             for impl in ("rust", "torchvision"):
@@ -144,40 +204,14 @@ def main():
                 else:
                     cmd = [args.python, ROOT / "bench" / "data_pipeline.py", "--one", Path(data) / "train",
                            "--workers", workers, "--batch", args.batch, "--size", args.crop]
-                r = run_json(cmd)
-                r["workers"] = workers
-                pipeline.append(r)
-
-    summary = {}
-    for name, rows in results.items():
-        s = {k: median(rows, k) for k in ("e2e_images_per_s", "d2l_examples_per_s", "epoch_wall_s",
-                                           "first_batch_s", "peak_rss_mib", "peak_rss_worker_mib", "test_acc")}
-        step_name = "torch" if name.startswith("torch") else name
-        limit = median(step_results[step_name], "images_per_s")
-        s["step_only_images_per_s"] = limit
-        s["fraction_of_step_only"] = s["e2e_images_per_s"] / limit if limit else None
-        s["time_shares"] = time_shares(rows)
-        summary[name] = s
-    ratios = {
-        "rust_vs_torch_book_e2e": summary["rust"]["e2e_images_per_s"] / summary["torch-book"]["e2e_images_per_s"],
-        "rust_vs_torch_tuned_e2e": summary["rust"]["e2e_images_per_s"] / summary["torch-tuned"]["e2e_images_per_s"],
-        "rust_vs_torch_book_d2l": summary["rust"]["d2l_examples_per_s"] / summary["torch-book"]["d2l_examples_per_s"],
-        "rust_vs_torch_step_only": median(step_results["rust"], "images_per_s") / median(step_results["torch"], "images_per_s"),
-    }
-    if "rust-host-input" in step_results:
-        ratios["rust_step_host_input_vs_step"] = (median(step_results["rust-host-input"], "images_per_s")
-                                                  / median(step_results["rust"], "images_per_s"))
-    if "rust-no-im2col" in summary:
-        base = summary["rust-no-im2col"]["e2e_images_per_s"]
-        ratios["rust_no_im2col_vs_torch_book_e2e"] = base / summary["torch-book"]["e2e_images_per_s"]
-        ratios["rust_no_im2col_vs_torch_tuned_e2e"] = base / summary["torch-tuned"]["e2e_images_per_s"]
-    pipe = {}
-    for impl in ("rust", "torchvision"):
-        for workers in (0, args.workers):
-            rows = [r for r in pipeline if r["impl"] == impl and r["workers"] == workers]
-            pipe[f"{impl}-{workers}"] = median(rows, "images_per_s")
+                measure("pipeline", f"{impl}-{workers}", cmd, rep, pipeline, workers=workers)
 
     notebook = time_notebook() if args.notebook else None
+    report = save(complete=True)
+    summary, ratios, pipe = report["summary"], report["ratios"], report["data_pipeline"]
+
+    def num(v, spec):
+        return "-" if v is None else format(v, spec)
 
     print()
     print(f"machine: {platform.node()}, {os.cpu_count()} cores, device {args.device}; "
@@ -186,33 +220,66 @@ def main():
           f"{'step-only':>10s} {'e2e/step':>8s}")
     print(f"{'':15s} {'img/s':>11s} {'ex/s':>10s} {'s':>8s} {'s':>9s} {'MiB':>9s} {'img/s':>10s} {'':>8s}")
     for name, s in summary.items():
-        rss = f"{s['peak_rss_mib']:.0f}" + (f"+{s['peak_rss_worker_mib']:.0f}w" if s.get("peak_rss_worker_mib") else "")
+        rss = num(s["peak_rss_mib"], ".0f") + (f"+{s['peak_rss_worker_mib']:.0f}w" if s.get("peak_rss_worker_mib") else "")
         print(f"{name:15s} {s['e2e_images_per_s']:11.1f} {s['d2l_examples_per_s']:10.1f} {s['epoch_wall_s']:8.2f} "
-              f"{s['first_batch_s']:9.3f} {rss:>9s} {s['step_only_images_per_s']:10.1f} {s['fraction_of_step_only']:8.1%}")
+              f"{num(s['first_batch_s'], '9.3f'):>9s} {rss:>9s} {num(s['step_only_images_per_s'], '10.1f'):>10s} "
+              f"{num(s['fraction_of_step_only'], '8.1%'):>8s}")
     print("where the training loop's wall time went (medians): steps (d2l's timer), waiting for the "
           "training loader, evaluation, the rest")
     for name, s in summary.items():
         print(f"{name:15s} " + "  ".join(f"{k} {v:6.1%}" for k, v in s["time_shares"].items()))
     for name in steps:
-        if name not in summary and name != "torch":
+        if name not in summary and name != "torch" and step_results[name]:
             print(f"step-only {name}: {median(step_results[name], 'images_per_s'):.1f} img/s")
     print("ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
-    print("data pipeline alone (img/s): " + ", ".join(f"{k} workers {v:.1f}" for k, v in pipe.items()))
+    print("data pipeline alone (img/s): " + ", ".join(f"{k} workers {num(v, '.1f')}" for k, v in pipe.items()))
     if notebook:
         print("notebook: " + ", ".join(f"{k} {v:.1f} s" for k, v in notebook.items()))
+    print(f"wrote {args.out} ({report['elapsed_s']:.0f} s in all)")
+    if failed:
+        for f in failed:
+            print(f"failed: {f['kind']} {f['row']} (rep {f['rep']}): {f['cmd']}\n  {f['error']}", file=sys.stderr)
+        sys.exit(f"bench: {len(failed)} run(s) failed; the figures of the others are in {args.out}")
 
-    report = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"node": platform.node(), "cores": os.cpu_count(), "device": args.device,
-                    "gpu": gpu_name() if args.device == "cuda" else None},
-        "settings": {k: v for k, v in vars(args).items() if k in ("crop", "resize", "batch", "epochs", "steps",
-                                                                    "reps", "workers", "per_class")},
-        "summary": summary, "ratios": ratios, "data_pipeline": pipe, "notebook": notebook,
-        "runs": {"e2e": results, "step": step_results, "pipeline": pipeline},
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, default=str))
-    print(f"wrote {args.out}")
+
+def summarize(results, step_results, pipeline, workers):
+    """Medians of what has run so far; a row with no successful run is left out, and so are the
+    ratios that need it."""
+    summary = {}
+    for name, rows in results.items():
+        if not rows:
+            continue
+        s = {k: median(rows, k) for k in ("e2e_images_per_s", "d2l_examples_per_s", "epoch_wall_s",
+                                           "first_batch_s", "peak_rss_mib", "peak_rss_worker_mib", "test_acc")}
+        limit = median(step_results.get("torch" if name.startswith("torch") else name, []), "images_per_s")
+        s["step_only_images_per_s"] = limit
+        s["fraction_of_step_only"] = s["e2e_images_per_s"] / limit if limit else None
+        s["time_shares"] = time_shares(rows)
+        summary[name] = s
+
+    def e2e(name):
+        return summary.get(name, {}).get("e2e_images_per_s")
+
+    def step(name):
+        return median(step_results.get(name, []), "images_per_s")
+
+    ratios = {}
+    for key, a, b in (("rust_vs_torch_book_e2e", e2e("rust"), e2e("torch-book")),
+                      ("rust_vs_torch_tuned_e2e", e2e("rust"), e2e("torch-tuned")),
+                      ("rust_vs_torch_book_d2l", summary.get("rust", {}).get("d2l_examples_per_s"),
+                       summary.get("torch-book", {}).get("d2l_examples_per_s")),
+                      ("rust_vs_torch_step_only", step("rust"), step("torch")),
+                      ("rust_step_host_input_vs_step", step("rust-host-input"), step("rust")),
+                      ("rust_no_im2col_vs_torch_book_e2e", e2e("rust-no-im2col"), e2e("torch-book")),
+                      ("rust_no_im2col_vs_torch_tuned_e2e", e2e("rust-no-im2col"), e2e("torch-tuned"))):
+        if a and b:
+            ratios[key] = a / b
+    pipe = {}
+    for impl in ("rust", "torchvision"):
+        for w in (0, workers):
+            pipe[f"{impl}-{w}"] = median([r for r in pipeline if r["impl"] == impl and r["workers"] == w],
+                                         "images_per_s")
+    return {"summary": summary, "ratios": ratios, "data_pipeline": pipe}
 
 
 def time_shares(rows):

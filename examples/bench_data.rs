@@ -3,7 +3,7 @@
 //! batches, and print one JSON line with images per second.
 //!
 //! ```text
-//! cargo run --release --example bench_data -- make DIR [PER_CLASS]   # the hotdog-like set
+//! cargo run --release --example bench_data -- make DIR [PER_CLASS] [TEST_PER_CLASS]   # the hotdog-like set (test: PER_CLASS/4)
 //! cargo run --release --example bench_data -- run DIR WORKERS [BATCH] [EPOCHS] [SIZE]
 //! ```
 use std::time::Instant;
@@ -25,7 +25,7 @@ fn run() -> d2l::Result<()> {
             let per_class = arg(2, 1000);
             let cfg = HotdogConfig {
                 train_per_class: per_class,
-                test_per_class: per_class / 4,
+                test_per_class: arg(3, per_class / 4),
                 ..Default::default()
             };
             let root = make_hotdog_dataset(&args[1], &cfg)?;
@@ -61,7 +61,7 @@ fn run() -> d2l::Result<()> {
             );
         }
         _ => {
-            eprintln!("usage: bench_data make DIR [PER_CLASS] | bench_data run DIR WORKERS [BATCH] [EPOCHS] [SIZE]");
+            eprintln!("usage: bench_data make DIR [PER_CLASS] [TEST_PER_CLASS] | bench_data run DIR WORKERS [BATCH] [EPOCHS] [SIZE]");
             std::process::exit(2);
         }
     }

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # On the GPU machine, from the repo root, with gpu-bin/ carried (bench/gpu/prepare.sh makes it):
 # generates the hotdog-like data there, runs Rust and both PyTorch variants at the book's settings
-# (224 px, batch 128) plus Rust with bf16 + channels-last and Rust's step from pinned host memory,
-# and writes compare-gpu.json and its log under $OUT. Sized for about 5 minutes of device time.
+# (224 px, batch 128, 1000 training and 400 test images a class) plus Rust with bf16 +
+# channels-last and Rust's step from pinned host memory, and writes compare-gpu.json and its log
+# under $OUT. Sized for about 5 minutes of device time; the JSON is rewritten after every run, and
+# one process may take 180 s at most (then it counts as failed and the rest go on), so a run
+# stopped early or a row that fails still leaves figures.
 #
 # Arguments after the script's name go to bench/compare.py after its own (the last one wins), and
 # D2L_BENCH_DEVICE=cpu skips the CUDA checks: scripts/test runs this very script that way on a tiny
@@ -17,11 +20,14 @@ export LD_LIBRARY_PATH=$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 OUT=${OUT:-target/bench}
 mkdir -p "$OUT"
 "$PY" -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__)' | tee "$OUT/gpu.txt"
+# What bounds the loaders: cores, memory, and /dev/shm, which PyTorch's DataLoader workers pass batches through.
+{ echo "cores $(nproc)"; df -h /dev/shm | tail -n 1; free -g | sed -n 2p; } | tee -a "$OUT/gpu.txt" || true
 if [ "$DEVICE" = cuda ]; then
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/gpu.txt"
+  { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "nvidia-smi failed"; } \
+    | tee -a "$OUT/gpu.txt"
   # Fails fast if the binary cannot use CUDA.
   "$BIN/bench_train" step --device cuda --crop 224 --batch 128 --steps 3 | tee -a "$OUT/gpu.txt"
 fi
 "$PY" bench/compare.py --bin-dir "$BIN" --python "$PY" --device "$DEVICE" --crop 224 --resize 256 --batch 128 \
-  --epochs 2 --steps 20 --reps 2 --per-class "${PER_CLASS:-1000}" --workers "$(nproc)" --options \
-  --data /tmp/d2l-bench-data --out "$OUT/compare-gpu.json" "$@" 2>&1 | tee "$OUT/compare-gpu.log"
+  --epochs 2 --steps 20 --reps 2 --per-class 1000 --test-per-class 400 --workers "$(nproc)" --options \
+  --run-timeout 180 --data /tmp/d2l-bench-data --out "$OUT/compare-gpu.json" "$@" 2>&1 | tee "$OUT/compare-gpu.log"
