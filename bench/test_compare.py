@@ -80,6 +80,11 @@ def main():
         assert during["complete"] is False
         assert set(during["summary"]) == {"rust"} and during["runs"]["e2e"]["rust"], during["summary"]
         assert [f["row"] for f in during["failed"]] == ["torch-book"], during["failed"]
+        # bench/report.py says so too, and fails.
+        shown = subprocess.run([sys.executable, ROOT / "bench" / "report.py", out], capture_output=True, text=True)
+        assert shown.returncode == 1, shown
+        assert "| Rust (d2l-rs) | **" in shown.stdout and "failed: e2e torch-book (rep 1): timed out" in shown.stdout
+        assert "target rust_vs_torch_book_e2e >= 1.3: - NOT met" in shown.stdout, shown.stdout
     print(f"compare.py failures: 5 failed runs reported, the Rust rows kept, a hung row killed ({wall:.0f} s)")
 
 
