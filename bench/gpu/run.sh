@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine, from the repo root, with gpu-bin/ carried (bench/gpu/prepare.sh makes it):
 # generates the hotdog-like data there, runs Rust and both PyTorch variants at the book's settings
-# (224 px, batch 128, 1000 training and 400 test images a class) plus Rust with bf16 +
+# (224 px, batch 128, 5 epochs, 1000 training and 400 test images a class) plus Rust with bf16 +
 # channels-last and Rust's step from pinned host memory, and writes compare-gpu.json and its log
 # under $OUT. Sized for about 5 minutes of device time; the JSON is rewritten after every run, and
 # one process may take 180 s at most (then it counts as failed and the rest go on), so a run
@@ -29,5 +29,5 @@ if [ "$DEVICE" = cuda ]; then
   "$BIN/bench_train" step --device cuda --crop 224 --batch 128 --steps 3 | tee -a "$OUT/gpu.txt"
 fi
 "$PY" bench/compare.py --bin-dir "$BIN" --python "$PY" --device "$DEVICE" --crop 224 --resize 256 --batch 128 \
-  --epochs 2 --steps 20 --reps 2 --per-class 1000 --test-per-class 400 --workers "$(nproc)" --options \
+  --epochs 5 --steps 20 --reps 2 --per-class 1000 --test-per-class 400 --workers "$(nproc)" --options \
   --run-timeout 180 --data /tmp/d2l-bench-data --out "$OUT/compare-gpu.json" "$@" 2>&1 | tee "$OUT/compare-gpu.log"
