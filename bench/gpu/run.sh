@@ -13,6 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${TORCH_PY:-/opt/torch/.venv/bin/python}
+[ -x "$PY" ] || PY=python3   # there, the plain python3 is the one with torch
 BIN=${D2L_BENCH_BIN:-gpu-bin}
 DEVICE=${D2L_BENCH_DEVICE:-cuda}
 TORCH_LIB=$("$PY" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
