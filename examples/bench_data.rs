@@ -3,7 +3,8 @@
 //! batches, and print one JSON line with images per second.
 //!
 //! ```text
-//! cargo run --release --example bench_data -- make DIR [PER_CLASS] [TEST_PER_CLASS]   # the hotdog-like set (test: PER_CLASS/4)
+//! cargo run --release --example bench_data -- make DIR [PER_CLASS] [TEST]   # hotdog-like set
+//! # (TEST: test images a class, PER_CLASS/4 unless given)
 //! cargo run --release --example bench_data -- run DIR WORKERS [BATCH] [EPOCHS] [SIZE]
 //! ```
 use std::time::Instant;
