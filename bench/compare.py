@@ -40,6 +40,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from report import describe
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -208,31 +210,13 @@ def main():
 
     notebook = time_notebook() if args.notebook else None
     report = save(complete=True)
-    summary, ratios, pipe = report["summary"], report["ratios"], report["data_pipeline"]
-
-    def num(v, spec):
-        return "-" if v is None else format(v, spec)
 
     print()
     print(f"machine: {platform.node()}, {os.cpu_count()} cores, device {args.device}; "
-          f"{args.crop} px crops, batch {args.batch}, {args.epochs} epochs, {args.reps} runs each, medians")
-    print(f"{'':15s} {'end-to-end':>11s} {'d2l':>10s} {'epoch':>8s} {'1st batch':>9s} {'peak RSS':>9s} "
-          f"{'step-only':>10s} {'e2e/step':>8s}")
-    print(f"{'':15s} {'img/s':>11s} {'ex/s':>10s} {'s':>8s} {'s':>9s} {'MiB':>9s} {'img/s':>10s} {'':>8s}")
-    for name, s in summary.items():
-        rss = num(s["peak_rss_mib"], ".0f") + (f"+{s['peak_rss_worker_mib']:.0f}w" if s.get("peak_rss_worker_mib") else "")
-        print(f"{name:15s} {s['e2e_images_per_s']:11.1f} {s['d2l_examples_per_s']:10.1f} {s['epoch_wall_s']:8.2f} "
-              f"{num(s['first_batch_s'], '9.3f'):>9s} {rss:>9s} {num(s['step_only_images_per_s'], '10.1f'):>10s} "
-              f"{num(s['fraction_of_step_only'], '8.1%'):>8s}")
-    print("where the training loop's wall time went (medians): steps (d2l's timer), waiting for the "
-          "training loader, evaluation, the rest")
-    for name, s in summary.items():
-        print(f"{name:15s} " + "  ".join(f"{k} {v:6.1%}" for k, v in s["time_shares"].items()))
-    for name in steps:
-        if name not in summary and name != "torch" and step_results[name]:
-            print(f"step-only {name}: {median(step_results[name], 'images_per_s'):.1f} img/s")
-    print("ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
-    print("data pipeline alone (img/s): " + ", ".join(f"{k} workers {num(v, '.1f')}" for k, v in pipe.items()))
+          f"{args.crop} px crops, batch {args.batch}, {args.epochs} epochs, {args.reps} runs each, medians; "
+          "steps / wait / eval: shares of the training loop's wall time (steps as d2l's timer counts them, "
+          "waiting for the training loader, evaluation)")
+    print("\n".join(describe(report)))
     if notebook:
         print("notebook: " + ", ".join(f"{k} {v:.1f} s" for k, v in notebook.items()))
     print(f"wrote {args.out} ({report['elapsed_s']:.0f} s in all)")

@@ -44,6 +44,18 @@ def table(report):
     return "\n".join(lines)
 
 
+def describe(report):
+    """The report's table, its other step-only rows, ratios and data-pipeline figures, as lines."""
+    lines = [table(report), ""]
+    for name, rows in report["runs"]["step"].items():
+        if name not in report["summary"] and name != "torch" and rows:
+            lines.append(f"step-only {name}: {statistics.median(r['images_per_s'] for r in rows):.1f} img/s")
+    lines.append("ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in report["ratios"].items()))
+    lines.append("data pipeline alone (img/s): "
+                 + ", ".join(f"{k} workers {num(v, '.1f')}" for k, v in report["data_pipeline"].items()))
+    return lines
+
+
 def targets(report):
     """(name, measured, target, met) for the report's device; measured is None when a row is missing."""
     ratios = dict(report["ratios"])
@@ -67,13 +79,7 @@ def main():
           f"{s['epochs']} epochs, {s['per_class']} + {s.get('test_per_class', s['per_class'] // 4)} images a class, "
           f"medians of {s['reps']}")
     print()
-    print(table(report))
-    print()
-    steps = report["runs"]["step"]
-    for name, rows in steps.items():
-        if name not in report["summary"] and name != "torch" and rows:
-            print(f"step-only {name}: {statistics.median(r['images_per_s'] for r in rows):.1f} img/s")
-    print("ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in report["ratios"].items()))
+    print("\n".join(describe(report)))
     ok = report.get("complete", True) and not report.get("failed")
     if not report.get("complete", True):
         print("report is INCOMPLETE: the run was stopped before its end")

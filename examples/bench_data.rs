@@ -62,7 +62,7 @@ fn run() -> d2l::Result<()> {
             );
         }
         _ => {
-            eprintln!("usage: bench_data make DIR [PER_CLASS] [TEST_PER_CLASS] | bench_data run DIR WORKERS [BATCH] [EPOCHS] [SIZE]");
+            eprintln!("usage: bench_data make DIR [PER_CLASS] [TEST] | bench_data run DIR WORKERS [BATCH] [EPOCHS] [SIZE]");
             std::process::exit(2);
         }
     }
