@@ -213,8 +213,10 @@ impl crate::train::Replicate for ResNet {
         let src = ResNet::named_tensors(self);
         tch::no_grad(|| -> crate::Result<()> {
             for ((_, dst), (_, src)) in copy.named_tensors().iter().zip(&src) {
+                // The source's values with its kind and strides: a float64 or channels-last
+                // model replicates as one (copy_ would cast into the new float32 NCHW tensors).
                 let mut dst = dst.shallow_clone();
-                dst.f_copy_(src)?;
+                dst.f_set_data(&src.f_to_device_(device, src.kind(), false, true)?)?;
                 let _ = dst.set_requires_grad(src.requires_grad());
             }
             Ok(())

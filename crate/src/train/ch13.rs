@@ -169,7 +169,8 @@ pub fn train_batch_ch13(
     let (x, y) = (x.f_to_device(device)?, y.f_to_device(device)?);
     trainer.zero_grad();
     let pred = net.forward_t(&x, true);
-    let l = loss(&pred, &y)?.f_sum(tch::Kind::Float)?;
+    let l = loss(&pred, &y)?;
+    let l = l.f_sum(l.kind())?; // float32, or float64 for a float64 model
     l.f_backward()?;
     trainer.step();
     Ok((l.f_double_value(&[])?, accuracy(&pred, &y)?))

@@ -4,13 +4,14 @@ use tch::{Reduction, Tensor};
 
 use crate::error::Result;
 
-/// `nn.CrossEntropyLoss(reduction="none")`: one loss an example.
+/// `nn.CrossEntropyLoss(reduction="none")`: one loss an example, in the logits' precision (in
+/// float32 under CUDA autocast, as PyTorch's: `log_softmax` is on autocast's float32 list).
 ///
 /// # Shapes
 /// `y_hat` `[n, classes]` logits, `y` `[n]` labels -> `[n]`
 pub fn cross_entropy(y_hat: &Tensor, y: &Tensor) -> Result<Tensor> {
     Ok(y_hat
-        .f_log_softmax(-1, y_hat.kind())?
+        .f_log_softmax(-1, None)?
         .f_nll_loss::<&Tensor>(y, None, Reduction::None, -100)?)
 }
 

@@ -15,8 +15,8 @@ pub trait Replicate: ModuleT + Send {
     /// that share storage with the model.
     fn named_tensors(&self) -> Vec<(String, Tensor)>;
 
-    /// A copy of the model on `device`, in a var store of its own, with the same values and the
-    /// same `requires_grad` flags.
+    /// A copy of the model on `device`, in a var store of its own, with the same values, kinds,
+    /// memory formats and `requires_grad` flags.
     fn replicate(&self, device: Device) -> Result<(VarStore, Self)>
     where
         Self: Sized;
@@ -180,7 +180,8 @@ fn forward_backward(
     )?;
     let (l, pred) = with_precision(opts.bf16, || {
         let pred = net.forward_t(&x, true);
-        Ok((loss(&pred, &y)?.f_sum(Kind::Float)?, pred))
+        let l = loss(&pred, &y)?;
+        Ok((l.f_sum(l.kind())?, pred)) // float32, or float64 for a float64 model
     })?;
     l.f_backward()?;
     Ok((l.f_double_value(&[])?, accuracy(&pred, &y)?))
