@@ -1,13 +1,13 @@
-//! Data parallel over several devices (here two CPU "devices", the same code path as two GPUs
-//! but for the threads) and the bf16 autocast switch.
-use d2l::model::resnet18;
-use d2l::tch::nn::{ModuleT, VarStore};
+//! Data parallel over several devices (here CPU "devices", the same code path as several GPUs but
+//! for the threads) and the bf16 autocast switch. Float32 results are measured against the same
+//! computation in float64 (see tests/numerics).
+mod numerics;
+
+use d2l::model::{resnet18, ResNet};
+use d2l::tch::nn::{ModuleT, Optimizer, VarStore};
 use d2l::tch::{Device, Kind, Tensor};
 use d2l::train::*;
-
-fn batch(n: i64) -> (Tensor, Tensor) {
-    batch_of(n, 32)
-}
+use numerics::*;
 
 fn batch_of(n: i64, side: i64) -> (Tensor, Tensor) {
     d2l::tch::manual_seed(7);
@@ -16,107 +16,266 @@ fn batch_of(n: i64, side: i64) -> (Tensor, Tensor) {
     (x, y)
 }
 
-fn max_diff(a: &[(String, Tensor)], b: &[(String, Tensor)], only_trainable: bool) -> f64 {
-    a.iter()
-        .zip(b)
-        .filter(|((_, t), _)| !only_trainable || t.requires_grad())
-        .map(|((na, ta), (nb, tb))| {
-            assert_eq!(na, nb);
-            (ta - tb).abs().max().double_value(&[])
-        })
-        .fold(0.0, f64::max)
+/// A copy of `net` in float64 (same values, same `requires_grad` flags).
+fn in_f64(net: &ResNet) -> (VarStore, ResNet) {
+    let (mut vs, copy) = net.replicate(Device::Cpu).unwrap();
+    vs.double();
+    (vs, copy)
+}
+
+/// Deep copies of the tensors whose names `keep` accepts, in the net's order.
+fn tensors(net: &ResNet, keep: impl Fn(&str) -> bool) -> Vec<Tensor> {
+    let named = net.named_tensors();
+    copies(named.iter().filter(|(n, _)| keep(n)).map(|(_, t)| t))
+}
+
+/// BatchNorm's running means and variances; everything else is a parameter.
+fn is_stat(name: &str) -> bool {
+    name.contains("running_")
+}
+
+fn is_param(name: &str) -> bool {
+    !is_stat(name)
+}
+
+fn is_fc(name: &str) -> bool {
+    name.starts_with("fc.")
+}
+
+/// `nn.DataParallel`'s step by hand, on one device: the batch in `torch.chunk`s, each chunk's
+/// forward and backward alone (BatchNorm normalises each chunk with its own statistics), the
+/// gradients summed, one optimiser step; the running statistics are those the first chunk left,
+/// as the first device's are. Returns the summed loss and the number of correct predictions.
+fn data_parallel_by_hand(
+    net: &ResNet,
+    opt: &mut Optimizer,
+    x: &Tensor,
+    y: &Tensor,
+    devices: i64,
+) -> (f64, f64) {
+    let x = x.to_kind(net.fc.ws.kind());
+    opt.zero_grad();
+    let (mut loss, mut correct, mut first_stats) = (0.0, 0.0, None);
+    for (xc, yc) in x.chunk(devices, 0).iter().zip(y.chunk(devices, 0).iter()) {
+        let pred = net.forward_t(xc, true);
+        let l = cross_entropy(&pred, yc).unwrap();
+        let l = l.sum(l.kind());
+        l.backward();
+        loss += l.double_value(&[]);
+        correct += accuracy(&pred, yc).unwrap();
+        if first_stats.is_none() {
+            first_stats = Some(
+                running_stats(net)
+                    .iter()
+                    .map(|t| t.copy())
+                    .collect::<Vec<_>>(),
+            );
+        }
+    }
+    opt.step();
+    d2l::tch::no_grad(|| {
+        for (mut t, s) in running_stats(net).into_iter().zip(first_stats.unwrap()) {
+            t.copy_(&s);
+        }
+    });
+    (loss, correct)
+}
+
+/// BatchNorm's running means and variances (shallow: they share storage with the net).
+fn running_stats(net: &ResNet) -> Vec<Tensor> {
+    net.named_tensors()
+        .into_iter()
+        .filter(|(n, _)| is_stat(n))
+        .map(|(_, t)| t)
+        .collect()
 }
 
 #[test]
-fn two_devices_take_the_same_steps_as_one_device_over_the_same_chunks() {
+fn two_devices_take_the_same_steps_as_data_parallel_by_hand() {
     d2l::tch::manual_seed(0);
-    let vs_a = VarStore::new(Device::Cpu);
-    let a = resnet18(&vs_a.root(), 2);
-    let (vs_b, b) = a.replicate(Device::Cpu).unwrap();
-    assert_eq!(max_diff(&a.named_tensors(), &b.named_tensors(), false), 0.0);
-    let mut opt_a = sgd(&vs_a, 0.05, 1e-3, true).unwrap();
-    let mut opt_b = sgd(&vs_b, 0.05, 1e-3, true).unwrap();
-    let mut dp = DataParallel::new(&a, &[Device::Cpu, Device::Cpu]).unwrap();
-    assert_eq!(dp.len(), 2);
-    let (x, y) = batch(8);
-    for _ in 0..3 {
-        let (loss_a, correct_a) = dp
-            .train_batch(&x, &y, cross_entropy, &mut opt_a, &StepOptions::default())
-            .unwrap();
-        // One device: the same two chunks (BatchNorm sees each chunk alone, as on two GPUs),
-        // their gradients accumulated, one step.
-        opt_b.zero_grad();
-        let (mut loss_b, mut correct_b) = (0.0, 0.0);
-        for (xc, yc) in x.chunk(2, 0).iter().zip(y.chunk(2, 0).iter()) {
-            let pred = b.forward_t(xc, true);
-            let l = cross_entropy(&pred, yc).unwrap().sum(Kind::Float);
-            l.backward();
-            loss_b += l.double_value(&[]);
-            correct_b += accuracy(&pred, yc).unwrap();
-        }
-        opt_b.step();
-        assert!(
-            (loss_a - loss_b).abs() <= 1e-5 * loss_b,
-            "{loss_a} vs {loss_b}"
-        );
-        assert_eq!(correct_a, correct_b);
-    }
-    let diff = max_diff(&a.named_tensors(), &b.named_tensors(), true);
-    assert!(diff < 1e-5, "parameters differ by {diff}");
-    // The steps moved the parameters (the comparison is not vacuous).
-    let (vs_c, c) = resnet18_like(&a);
-    drop(vs_c);
-    assert!(max_diff(&a.named_tensors(), &c.named_tensors(), true) > 1e-3);
-}
-
-fn resnet18_like(a: &d2l::model::ResNet) -> (VarStore, d2l::model::ResNet) {
     let vs = VarStore::new(Device::Cpu);
-    let c = resnet18(&vs.root(), a.fc.out_features);
-    (vs, c)
+    let net = resnet18(&vs.root(), 2);
+    let (vs_hand, hand) = net.replicate(Device::Cpu).unwrap();
+    let (vs64, net64) = in_f64(&net);
+    let (vs64_hand, hand64) = in_f64(&net);
+    let (fc0, stats0) = (tensors(&net, is_fc), tensors(&net, is_stat));
+    let (params0, devices) = (tensors(&net, is_param), [Device::Cpu, Device::Cpu]);
+    let mut dp = DataParallel::new(&net, &devices).unwrap();
+    let mut dp64 = DataParallel::new(&net64, &devices).unwrap();
+    assert_eq!(dp.len(), 2);
+    let opt = |vs: &VarStore| sgd(vs, 0.01, 1e-3, true).unwrap();
+    let (mut o, mut o_hand, mut o64, mut o64_hand) =
+        (opt(&vs), opt(&vs_hand), opt(&vs64), opt(&vs64_hand));
+    // 64 px, 8 images in 2 chunks of 4: the last stage's BatchNorm sees 16 values a channel.
+    let (x, y) = batch_of(8, 64);
+    let default = StepOptions::default();
+    let mut trusted_loss = 0.0f64;
+    for i in 0..3 {
+        let (loss, correct) = dp
+            .train_batch(&x, &y, cross_entropy, &mut o, &default)
+            .unwrap();
+        let (loss_hand, correct_hand) = data_parallel_by_hand(&hand, &mut o_hand, &x, &y, 2);
+        let (loss64, correct64) = dp64
+            .train_batch(
+                &x.to_kind(Kind::Double),
+                &y,
+                cross_entropy,
+                &mut o64,
+                &default,
+            )
+            .unwrap();
+        let (loss64_hand, _) = data_parallel_by_hand(&hand64, &mut o64_hand, &x, &y, 2);
+        trusted_loss = trusted_loss.max(rel(loss_hand, loss64_hand));
+        assert_f64_as_close(
+            &format!("step {i}: loss"),
+            rel(loss64, loss64_hand),
+            trusted_loss,
+        );
+        if i == 0 {
+            // The first step's continuous results, in float32.
+            assert_fp32_as_close(
+                "step 0: loss",
+                rel(loss, loss64_hand),
+                rel(loss_hand, loss64_hand),
+            );
+            assert_eq!((correct, correct_hand), (correct64, correct64));
+            for (what, keep, start) in [
+                ("step 0: output layer", is_fc as fn(&str) -> bool, &fc0),
+                ("step 0: running statistics", is_stat, &stats0),
+            ] {
+                let want = steps(&tensors(&hand64, keep), start);
+                assert_fp32_as_close(
+                    what,
+                    rel_dist(&steps(&tensors(&net, keep), start), &want),
+                    rel_dist(&steps(&tensors(&hand, keep), start), &want),
+                );
+            }
+        }
+    }
+    // Three whole steps (the replicas take the new values before each), in float64.
+    for (what, keep, start) in [
+        (
+            "3 steps: parameters",
+            is_param as fn(&str) -> bool,
+            &params0,
+        ),
+        ("3 steps: running statistics", is_stat, &stats0),
+    ] {
+        let want = steps(&tensors(&hand64, keep), start);
+        let trusted = rel_dist(&steps(&tensors(&hand, keep), start), &want);
+        println!("{what}: float32 off float64 by {trusted:.2e}");
+        assert_f64_as_close(
+            what,
+            rel_dist(&steps(&tensors(&net64, keep), start), &want),
+            trusted,
+        );
+    }
 }
 
 #[test]
 fn a_batch_smaller_than_the_device_count_and_a_frozen_body_work() {
+    d2l::tch::manual_seed(3);
     let vs = VarStore::new(Device::Cpu);
     let net = resnet18(&vs.root(), 2);
     d2l::model::freeze_body(&vs);
-    let before = net.named_tensors();
-    let before: Vec<(String, Tensor)> = before.into_iter().map(|(n, t)| (n, t.copy())).collect();
+    let (vs_hand, hand) = net.replicate(Device::Cpu).unwrap();
+    let (vs64, hand64) = in_f64(&net);
+    let frozen = |n: &str| !is_fc(n) && !is_stat(n);
+    let (body0, fc0, stats0) = (
+        tensors(&net, frozen),
+        tensors(&net, is_fc),
+        tensors(&net, is_stat),
+    );
     let mut opt = sgd(&vs, 0.1, 0.0, false).unwrap();
+    let mut opt_hand = sgd(&vs_hand, 0.1, 0.0, false).unwrap();
+    let mut opt64 = sgd(&vs64, 0.1, 0.0, false).unwrap();
     let devices = [Device::Cpu, Device::Cpu, Device::Cpu];
     let mut dp = DataParallel::new(&net, &devices).unwrap();
-    let (x, y) = batch(2); // torch.chunk(2 rows, 3) gives 2 chunks
+    // 2 images on 3 devices: torch.chunk gives 2 chunks of one image. At 64 px the last stage is
+    // 2x2, so BatchNorm normalises 4 values a channel and the pooled features are not 0 (at
+    // 32 px it would normalise one value to exactly 0, and fc.weight would get no gradient).
+    let (x, y) = batch_of(2, 64);
     let (loss, _) = dp
         .train_batch(&x, &y, cross_entropy, &mut opt, &StepOptions::default())
         .unwrap();
-    assert!(loss.is_finite() && loss > 0.0);
-    for ((name, b), (_, a)) in before.iter().zip(net.named_tensors()) {
-        let changed = (b - &a).abs().max().double_value(&[]) > 0.0;
-        if name.starts_with("fc.") {
-            assert!(changed, "{name} did not learn");
-        } else if !name.contains("running_") {
-            assert!(!changed, "{name} is frozen but changed");
-        }
+    let (loss_hand, _) = data_parallel_by_hand(&hand, &mut opt_hand, &x, &y, 3);
+    let (loss64, _) = data_parallel_by_hand(&hand64, &mut opt64, &x, &y, 3);
+    assert_fp32_as_close("loss", rel(loss, loss64), rel(loss_hand, loss64));
+
+    // The body is frozen: not one of its weights moved, not even by rounding.
+    for (b, a) in body0.iter().zip(tensors(&net, frozen)) {
+        assert!(a.equal(b), "a frozen weight changed");
     }
+    // The head learned what exact arithmetic says it should, a step far above rounding's size.
+    let fc64 = steps(&tensors(&hand64, is_fc), &fc0);
+    let moved = norm(&fc64) / norm(&fc0);
+    assert!(
+        moved > 1e-3,
+        "fc moved by {moved:.1e} of itself in float64: no real step"
+    );
+    assert_fp32_as_close(
+        "fc step",
+        rel_dist(&steps(&tensors(&net, is_fc), &fc0), &fc64),
+        rel_dist(&steps(&tensors(&hand, is_fc), &fc0), &fc64),
+    );
+    // The running statistics are the first chunk's (the first device's), as in PyTorch.
+    let stats64 = steps(&tensors(&hand64, is_stat), &stats0);
+    assert_fp32_as_close(
+        "running statistics",
+        rel_dist(&steps(&tensors(&net, is_stat), &stats0), &stats64),
+        rel_dist(&steps(&tensors(&hand, is_stat), &stats0), &stats64),
+    );
 }
 
 #[test]
-fn the_model_must_live_on_the_first_device() {
+fn data_parallel_needs_devices_and_the_model_on_the_first_one() {
     let vs = VarStore::new(Device::Cpu);
     let net = resnet18(&vs.root(), 2);
     let err = DataParallel::new(&net, &[]).err().unwrap().to_string();
     assert!(err.contains("no devices"), "{err}");
+    // A model on the CPU with a GPU first: refused before anything touches CUDA, so this runs
+    // on a machine without one.
+    let err = DataParallel::new(&net, &[Device::Cuda(0), Device::Cpu])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("the model is on Cpu, the first device is Cuda(0)"),
+        "{err}"
+    );
+    assert!(DataParallel::new(&net, &[Device::Cpu]).is_ok());
+}
+
+#[test]
+fn train_batch_ch13_runs_on_one_device_and_points_to_data_parallel() {
+    let vs = VarStore::new(Device::Cpu);
+    let net = resnet18(&vs.root(), 2);
+    let (x, y) = batch_of(2, 32);
+    let mut opt = sgd(&vs, 0.1, 0.0, false).unwrap();
     let err = train_batch_ch13(
         &net,
-        &batch(2).0,
-        &batch(2).1,
+        &x,
+        &y,
         cross_entropy,
-        &mut sgd(&vs, 0.1, 0.0, false).unwrap(),
+        &mut opt,
         &d2l::Devices(vec![Device::Cpu, Device::Cpu]),
     )
     .unwrap_err()
     .to_string();
-    assert!(err.contains("DataParallel"), "{err}");
+    assert!(
+        err.contains("runs on one device") && err.contains("DataParallel"),
+        "{err}"
+    );
+    let (loss, correct) = train_batch_ch13(
+        &net,
+        &x,
+        &y,
+        cross_entropy,
+        &mut opt,
+        &d2l::Devices(vec![Device::Cpu]),
+    )
+    .unwrap();
+    assert!(loss.is_finite() && loss > 0.0 && (0.0..=2.0).contains(&correct));
 }
 
 #[test]
