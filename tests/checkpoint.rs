@@ -41,6 +41,7 @@ fn a_saved_model_predicts_like_the_model_it_was() {
     let img_path = dir.path().join("dog.png");
     picture().save(&img_path).unwrap();
     let p = clf.predict(&img_path).unwrap();
+    // A float32 softmax sums to 1 within a few roundings (6e-8 each).
     assert!((p.probabilities.iter().sum::<f64>() - 1.0).abs() < 1e-6);
     assert_eq!(p.class, classes()[p.index]);
     assert_eq!(p.probability, p.probabilities[p.index]);
@@ -59,6 +60,8 @@ fn a_saved_model_predicts_like_the_model_it_was() {
     let x = Tensor::from_slice(&x.data).reshape([1, 3, 32, 32]);
     let want = net.forward_t(&x, false).softmax(-1, Kind::Float);
     let want: Vec<f64> = Vec::try_from(want.flatten(0, -1).to_kind(Kind::Double)).unwrap();
+    // The same float32 computation on the same weights (saved and loaded exactly): equal but for
+    // the rounding of probabilities below 1 (an ulp is 6e-8 there).
     for (a, b) in want.iter().zip(&p.probabilities) {
         assert!((a - b).abs() < 1e-6, "{want:?} vs {:?}", p.probabilities);
     }

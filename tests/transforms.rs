@@ -111,6 +111,8 @@ fn to_tensor_then_normalize_gives_chw_floats() {
     };
     assert_eq!((t.height, t.width), (1, 2));
     let expect = [1.0, -1.0, -2.0, 2.0, (0.2 - 0.5) / 0.1, (0.4 - 0.5) / 0.1];
+    // Exact values against three float32 roundings (x / 255, - mean, / std): at most about
+    // 13 u = 8e-7 where std is 0.1; a swapped channel or mean is off by 0.5 or more.
     for (a, b) in t.data.iter().zip(expect) {
         assert!((a - b).abs() < 1e-5, "{:?}", t.data);
     }

@@ -120,9 +120,22 @@ fn resizing_matches_torchvision_within_tolerance() {
             "{:40} mean {mean:.5} max {max:.4}",
             case["output"].as_str().unwrap()
         );
-        assert!(mean < 0.01, "{}: mean abs diff {mean}", case["output"]);
-        // Measured: PIL and fast_image_resize differ by rounding only (at most 1/255).
-        assert!(max < 0.005, "{}: max abs diff {max}", case["output"]);
+        // Both round the same filtered sums to 8-bit levels (PIL in 22-bit fixed point,
+        // fast_image_resize with its own fixed-point coefficients), each within half a level of
+        // the exact value: so they differ by at most one level. Where the two sums fall on either
+        // side of a rounding boundary they differ by one: a quarter of the values at most here
+        // (measured: mean up to 0.23 of a level); half a level on average would mean sums that
+        // differ by half a level, a wrong filter or sampling grid, which moves values by several.
+        assert!(
+            max <= 1.0 / 255.0 + 1e-12,
+            "{}: max abs diff {max}",
+            case["output"]
+        );
+        assert!(
+            mean <= 0.5 / 255.0,
+            "{}: mean abs diff {mean}",
+            case["output"]
+        );
         checked += 1;
     }
     assert_eq!(checked, 12);
@@ -165,6 +178,9 @@ fn to_tensor_and_normalize_match_torchvision() {
         .map(|v| v.as_f64().unwrap())
         .collect();
     assert_eq!(t.data.len(), want.len());
+    // (x / 255 - mean) / std in float32 on both sides: three roundings of values below 2.7
+    // (an ulp there is 2.4e-7), so they agree to 1e-6; a wrong channel's mean or std is off by
+    // 0.02 or more.
     for (a, b) in t.data.iter().zip(&want) {
         assert!((*a as f64 - b).abs() < 1e-6, "{a} vs {b}");
     }
