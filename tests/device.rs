@@ -1,4 +1,4 @@
-//! Devices and versions as d2l reports them, on a machine without a GPU.
+//! Devices and versions as d2l reports them, on a machine with or without a GPU.
 use d2l::tch::Device;
 
 #[test]
@@ -23,13 +23,23 @@ fn device_list_prints_like_a_python_list() {
 }
 
 #[test]
-fn without_a_gpu_try_gpu_and_try_all_gpus_fall_back_to_the_cpu() {
-    if d2l::num_gpus() > 0 {
-        return; // this test is about the CPU fallback
+fn try_gpu_and_try_all_gpus_give_the_gpus_libtorch_sees_or_the_cpu() {
+    let n = d2l::num_gpus();
+    assert_eq!(n as i64, d2l::tch::Cuda::device_count());
+    if n == 0 {
+        assert_eq!(d2l::try_gpu(0), Device::Cpu);
+        assert_eq!(d2l::try_gpu(3), Device::Cpu);
+        assert_eq!(d2l::try_all_gpus().to_string(), "[device(type='cpu')]");
+    } else {
+        assert_eq!(d2l::try_gpu(0), Device::Cuda(0));
+        assert_eq!(d2l::try_gpu(n - 1), Device::Cuda(n - 1));
+        let all: Vec<Device> = (0..n).map(Device::Cuda).collect();
+        assert_eq!(d2l::try_all_gpus().0, all);
+        assert!(d2l::try_all_gpus()
+            .to_string()
+            .starts_with("[device(type='cuda', index=0)"));
     }
-    assert_eq!(d2l::try_gpu(0), Device::Cpu);
-    assert_eq!(d2l::try_gpu(3), Device::Cpu);
-    assert_eq!(d2l::try_all_gpus().to_string(), "[device(type='cpu')]");
+    assert_eq!(d2l::try_gpu(n), Device::Cpu);
 }
 
 #[test]

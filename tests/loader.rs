@@ -142,13 +142,24 @@ fn a_bad_file_or_transform_is_an_error_not_a_panic() {
 #[test]
 fn dropping_an_epoch_early_stops_its_workers() {
     let dir = tempfile::tempdir().unwrap();
-    let loader = DataLoader::new(tiny_set(dir.path()), train_augs(), 1)
-        .unwrap()
-        .num_workers(2)
-        .prefetch(1);
-    let mut it = loader.iter();
-    assert!(it.next().unwrap().is_ok());
-    drop(it); // must return, not hang
+    let set = tiny_set(dir.path());
+    // In another thread, so that a drop that hangs fails the test instead of hanging it; the
+    // loader comes back for a whole epoch after.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let loader = DataLoader::new(set, train_augs(), 1)
+            .unwrap()
+            .num_workers(2)
+            .prefetch(1);
+        let mut it = loader.iter();
+        let first = it.next().map(|b| b.is_ok());
+        drop(it);
+        let _ = tx.send((first, loader));
+    });
+    let (first, loader) = rx
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .expect("dropping an epoch after one batch did not return: its workers hang");
+    assert_eq!(first, Some(true));
     assert_eq!(epoch(&loader).len(), 14);
 }
 

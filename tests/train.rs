@@ -25,16 +25,28 @@ fn accumulator_timer_and_accuracy_behave_like_d2l() {
     assert_eq!((m[0], m[1]), (1.5, 3.0));
     m.reset();
     assert_eq!(m[0], 0.0);
+    // An interval lasts at least the sleep inside it (sleep's contract, a monotonic clock), and
+    // start() restarts: the second interval fits in the time after the first one ended.
     let mut t = Timer::new();
     t.start();
-    assert!(t.stop() >= 0.0);
-    assert_eq!(t.avg(), t.sum());
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    let first = t.stop();
+    assert!(first >= 0.030, "{first}");
+    let after_first = std::time::Instant::now();
+    t.start();
+    let second = t.stop();
+    assert!(
+        second <= after_first.elapsed().as_secs_f64(),
+        "{second} includes the first"
+    );
+    assert_eq!((t.sum(), t.avg()), (first + second, (first + second) / 2.0));
     let y_hat = Tensor::from_slice(&[0.1f32, 0.9, 0.8, 0.2, 0.3, 0.7]).reshape([3, 2]);
     let y = Tensor::from_slice(&[1i64, 0, 0]);
     assert_eq!(accuracy(&y_hat, &y).unwrap(), 2.0);
 }
 
-fn tiny_loaders(dir: &std::path::Path) -> (DataLoader, DataLoader) {
+/// 12 training and 4 test images, cropped or resized to `side` px, in batches of 4.
+fn tiny_loaders(dir: &std::path::Path, side: u32) -> (DataLoader, DataLoader) {
     let cfg = HotdogConfig {
         train_per_class: 6,
         test_per_class: 2,
@@ -44,11 +56,11 @@ fn tiny_loaders(dir: &std::path::Path) -> (DataLoader, DataLoader) {
     };
     let root = make_hotdog_dataset(dir, &cfg).unwrap();
     let augs = Compose::new()
-        .then(RandomResizedCrop::new(16))
+        .then(RandomResizedCrop::new(side))
         .then(ToTensor)
         .then(Normalize::imagenet());
     let test_augs = Compose::new()
-        .then(Resize::new(16, 16))
+        .then(Resize::new(side, side))
         .then(ToTensor)
         .then(Normalize::imagenet());
     let train_iter = DataLoader::new(ImageFolder::new(root.join("train")).unwrap(), augs, 4)
@@ -63,7 +75,7 @@ fn tiny_loaders(dir: &std::path::Path) -> (DataLoader, DataLoader) {
 fn tiny_run_gives_history_and_d2l_result_lines() {
     let dir = tempfile::tempdir().unwrap();
     d2l::set_figures_dir(dir.path().join("figures"));
-    let (train_iter, test_iter) = tiny_loaders(dir.path());
+    let (train_iter, test_iter) = tiny_loaders(dir.path(), 16);
     let vs = VarStore::new(Device::Cpu);
     let net = resnet18(&vs.root(), 2);
     let mut trainer = sgd(&vs, 1e-3, 1e-3, true).unwrap();
@@ -119,8 +131,9 @@ fn tiny_run_gives_history_and_d2l_result_lines() {
         "{t:?}"
     );
     assert!(t.step_s + t.data_wait_s + t.eval_s <= t.wall_s, "{t:?}");
+    // The same quotient in float64 (the step times summed in another order): a few roundings.
     assert!(
-        (history.examples_per_sec - 2.0 * 12.0 / t.step_s).abs() < 1e-6 * history.examples_per_sec
+        (history.examples_per_sec - 2.0 * 12.0 / t.step_s).abs() < 1e-12 * history.examples_per_sec
     );
     let json = serde_json::to_string(&history).unwrap();
     assert!(json.contains("\"examples_per_sec\"") && json.contains("\"data_wait_s\""));
@@ -151,27 +164,97 @@ fn tiny_run_gives_history_and_d2l_result_lines() {
 #[test]
 fn train_ch13_on_two_devices_splits_batches_and_names_both() {
     let dir = tempfile::tempdir().unwrap();
-    let (train_iter, test_iter) = tiny_loaders(dir.path());
+    // 64 px: split in chunks of 2 images, the last stage (2x2) still gives BatchNorm 8 values
+    // a channel (at 16 px it would normalise 2 values to exactly -1 and 1, whatever the input,
+    // and train on rounding noise).
+    let (train_iter, test_iter) = tiny_loaders(dir.path(), 64);
+    d2l::tch::manual_seed(0);
     let vs = VarStore::new(Device::Cpu);
     let net = resnet18(&vs.root(), 2);
-    let mut trainer = sgd(&vs, 1e-3, 1e-3, true).unwrap();
-    let devices = d2l::Devices(vec![Device::Cpu, Device::Cpu]);
+    let (vs_dp, by_hand) = net.replicate(Device::Cpu).unwrap();
+    let (vs_one, one_device) = net.replicate(Device::Cpu).unwrap();
+    let params = |n: &d2l::model::ResNet| -> Vec<Tensor> {
+        let named = n.named_tensors();
+        let params = named
+            .into_iter()
+            .filter(|(name, _)| !name.contains("running_"));
+        params.map(|(_, t)| t).collect()
+    };
+    let start: Vec<Tensor> = params(&net).iter().map(|t| t.copy()).collect();
+    let two = d2l::Devices(vec![Device::Cpu, Device::Cpu]);
     let opts = TrainOptions {
         no_figure: true,
         quiet: true,
         ..TrainOptions::default()
     };
-    let history = train_ch13_with(
-        &net,
-        &train_iter,
-        &test_iter,
-        cross_entropy,
-        &mut trainer,
-        1,
-        &devices,
-        &opts,
-    )
-    .unwrap();
+    let run = |net: &d2l::model::ResNet, vs: &VarStore, devices: &d2l::Devices| {
+        train_iter.set_epoch(0);
+        let mut trainer = sgd(vs, 1e-3, 1e-3, true).unwrap();
+        train_ch13_with(
+            net,
+            &train_iter,
+            &test_iter,
+            cross_entropy,
+            &mut trainer,
+            1,
+            devices,
+            &opts,
+        )
+        .unwrap()
+    };
+    let history = run(&net, &vs, &two);
     assert_eq!(history.devices, "[device(type='cpu'), device(type='cpu')]");
     assert!(history.train_loss.is_finite() && history.points.len() == 4);
+
+    // The same epoch's batches (the loader replays epoch 0), each split by DataParallel over the
+    // two devices: the same computation on the same inputs, so the same bits.
+    train_iter.set_epoch(0);
+    let mut trainer = sgd(&vs_dp, 1e-3, 1e-3, true).unwrap();
+    let mut dp = DataParallel::new(&by_hand, &two).unwrap();
+    for batch in &train_iter {
+        let (x, y) = batch.unwrap();
+        dp.train_batch(&x, &y, cross_entropy, &mut trainer, &StepOptions::default())
+            .unwrap();
+    }
+    let tensors = |n: &d2l::model::ResNet| -> Vec<Tensor> {
+        n.named_tensors().into_iter().map(|(_, t)| t).collect()
+    };
+    for ((name, a), b) in net.named_tensors().iter().zip(tensors(&by_hand)) {
+        assert!(
+            a.equal(&b),
+            "{name}: train_ch13 on two devices is not DataParallel's step"
+        );
+    }
+    // And the split matters: on one device BatchNorm normalises whole batches of 4, not chunks
+    // of 2, and the epoch's parameters end far from there (not by rounding: by a tenth of the
+    // step or more).
+    run(&one_device, &vs_one, &d2l::Devices(vec![Device::Cpu]));
+    let moved = |n: &d2l::model::ResNet| -> Vec<Tensor> {
+        params(n).iter().zip(&start).map(|(a, b)| a - b).collect()
+    };
+    let (two_moved, one_moved) = (moved(&net), moved(&one_device));
+    let diff: f64 = two_moved
+        .iter()
+        .zip(&one_moved)
+        .map(|(a, b)| {
+            (a - b)
+                .square()
+                .sum(d2l::tch::Kind::Double)
+                .double_value(&[])
+        })
+        .sum::<f64>()
+        .sqrt();
+    let size: f64 = two_moved
+        .iter()
+        .map(|a| a.square().sum(d2l::tch::Kind::Double).double_value(&[]))
+        .sum::<f64>()
+        .sqrt();
+    println!(
+        "one device and two differ by {:.3} of the step",
+        diff / size
+    );
+    assert!(
+        diff > 0.1 * size,
+        "one device and two differ by {diff:.2e} of {size:.2e}"
+    );
 }
