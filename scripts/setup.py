@@ -4,7 +4,8 @@
 What it installs and where (D2L_HOME, default ~/.cache/d2l-rs, keyed by version):
   - a Python venv with torch (libtorch for tch) and the Jupyter pieces,
   - evcxr_jupyter (the Rust Jupyter kernel), built with `cargo install --locked`,
-  - the kernelspec `rust-d2l` inside that venv, with the environment the kernel needs,
+  - the kernelspec `rust-d2l` inside that venv, with the environment the kernel needs and a
+    launcher that gives each kernel a persistent build folder, compiled ahead here (`warm_kernel`),
 and in this checkout:
   - .cargo/config.toml, so plain `cargo build/test/run` find libtorch,
   - .d2l/venv, a link to the venv.
@@ -274,16 +275,21 @@ def write_if_changed(path, text):
         os.replace(tmp, path)
 
 
-def install_kernelspec(venv, spec, tdir, evcxr, variant):
-    """The kernel `rust-d2l`, in the venv's own Jupyter data dir."""
+def install_kernelspec(venv, spec, tdir, evcxr, variant, home):
+    """The kernel `rust-d2l`, in the venv's own Jupyter data dir, started by kernel_launch.py
+    (copied beside kernel.json) in a persistent build folder under `home`."""
     cargo_bin = Path(shutil.which("cargo") or Path.home() / ".cargo" / "bin" / "cargo").parent
     # evcxr links cells against Rust's libstd-*.so and finds it through an $ORIGIN-relative rpath
     # that is wrong for the copy it loads when its build dir shares a prefix with the toolchain
     # (~/.cache vs ~/.rustup): "dlopen failed". The toolchain's lib dir on the search path fixes it.
     rust_lib = subprocess.run(["rustc", "--print", "target-libdir"], capture_output=True, text=True,
                               check=True).stdout.strip()
+    kernel_dir = venv / "share" / "jupyter" / "kernels" / spec["kernel"]
+    launcher = kernel_dir / "launch.py"
+    write_if_changed(launcher, (ROOT / "scripts" / "kernel_launch.py").read_text())
     kernel = {
-        "argv": [str(evcxr), "--control_file", "{connection_file}"],
+        "argv": [str(venv_python(venv)), str(launcher), "--builds", str(kernel_builds(home)),
+                 str(evcxr), "--control_file", "{connection_file}"],
         "display_name": f"Rust (d2l, libtorch {pinned(spec['pip'], 'torch')})",
         "language": "rust",
         "interrupt_mode": "message",
@@ -296,9 +302,49 @@ def install_kernelspec(venv, spec, tdir, evcxr, variant):
             "PATH": f"{cargo_bin}:${{PATH}}",
         },
     }
-    path = venv / "share" / "jupyter" / "kernels" / spec["kernel"] / "kernel.json"
+    path = kernel_dir / "kernel.json"
     write_if_changed(path, json.dumps(kernel, indent=1) + "\n")
     return path
+
+
+def kernel_builds(home):
+    """Where kernel_launch.py keeps the kernels' build folders (`kernel-0`, `kernel-1`, ...)."""
+    return home / "evcxr-build"
+
+
+def warm_kernel(venv, home):
+    """Compiles the kernel's dependencies ahead, so that a new kernel's first `:dep` cell takes
+    seconds, not minutes: starts the kernel as Jupyter does and runs the chapter's first cells
+    (in `kernel-0`; after a change to the crate only `d2l` is rebuilt), then copies that build
+    folder to `kernel-1` if it has none, for a second kernel open at the same time."""
+    builds = kernel_builds(home)
+    # Build folders of an earlier layout (one per notebook name, before the launcher's slots).
+    for old in builds.glob("*"):
+        if not re.fullmatch(r"kernel-\d+(\.lock)?|\..*", old.name):
+            say(f"removing {old} (an earlier layout's build folder)")
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+    say("compiling the kernel's dependencies ahead (minutes the first time, seconds after)")
+    run([venv_python(venv), ROOT / "scripts" / "kernel_latency.py", "--warm"])
+    first, second = builds / "kernel-0", builds / "kernel-1"
+    if (second / "target").exists() or not (first / "target").exists():
+        return
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import kernel_launch  # the launcher's own locks, so no kernel starts in either meanwhile
+
+    locks = [kernel_launch.try_lock(builds, i) for i in (0, 1)]
+    try:
+        if None in locks:
+            say("a kernel is running: kernel-1 is not seeded this time")
+            return
+        tmp = builds / f".kernel-1.{os.getpid()}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        run(["cp", "-a", first, tmp])
+        shutil.rmtree(second, ignore_errors=True)
+        os.replace(tmp, second)
+    finally:
+        for fd in locks:
+            if fd is not None:
+                os.close(fd)
 
 
 def write_cargo_config(tdir, variant):
@@ -334,6 +380,8 @@ def main():
     ap.add_argument("--python-only", action="store_true",
                     help="only install that venv (for Python-side scripts); leave the kernel, "
                          ".cargo/config.toml and .d2l/venv as they are")
+    ap.add_argument("--no-warm", action="store_true",
+                    help="leave the kernel's dependencies to be compiled by its first :dep cell")
     args = ap.parse_args()
 
     home = Path(os.environ.get("D2L_HOME", Path.home() / ".cache" / "d2l-rs"))
@@ -365,9 +413,11 @@ def main():
         if evcxr_build is not None:
             evcxr_build.stop()
         raise
-    install_kernelspec(venv, spec, tdir, evcxr, variant)
+    install_kernelspec(venv, spec, tdir, evcxr, variant, home)
     write_cargo_config(tdir, variant)
     link(ROOT / ".d2l" / "venv", venv)
+    if not args.no_warm:
+        warm_kernel(venv, home)
     say(f"ready: torch {installed_version(venv, 'torch')} ({variant}) in {venv}; "
         f"kernel {spec['kernel']}; evcxr_jupyter {spec['evcxr_jupyter']}")
 
