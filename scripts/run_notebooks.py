@@ -6,14 +6,13 @@ under target/notebooks/, also when it fails, so the failure can be read there. A
 a compile error, an error output, a panic, or a missing expected output. Its metadata can say what
 must appear: MIME types (`"d2l": {"expect_outputs": ["image/png"]}`), at least N images
 (`"expect_images": 7`), and lines of printed text matching a pattern at least N times
-(`"expect_text": [{"pattern": "^loss \\d", "min": 2}]`). Ends with
+(`"expect_text": [{"pattern": "^loss \\d", "min": 2}]`; a cell's value counts as printed). Ends with
 `notebooks: N passed, N failed` and exits non-zero if any failed.
 
 Run it with the project venv's python (scripts/run and scripts/test do).
 """
 
 import argparse
-import fcntl
 import os
 import re
 import sys
@@ -24,12 +23,14 @@ import nbformat
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 from nbconvert import HTMLExporter
+from traitlets.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNEL = "rust-d2l"
-# D2L_EVCXR_BUILD_HOME: another build folder (bench/compare.py times a cold kernel with an empty one).
-BUILD_HOME = Path(os.environ.get("D2L_EVCXR_BUILD_HOME")
-                  or Path(os.environ.get("D2L_HOME", Path.home() / ".cache" / "d2l-rs")) / "evcxr-build")
+# The kernel's launcher (scripts/kernel_launch.py) gives each kernel a persistent build folder of
+# its own, the one a reader's Jupyter uses too. D2L_EVCXR_BUILD_HOME: build in this folder
+# instead (bench/compare.py times a cold kernel with an empty one).
+BUILD_HOME = os.environ.get("D2L_EVCXR_BUILD_HOME")
 PANIC = "panicked at"
 
 
@@ -41,6 +42,11 @@ def problems(nb):
             images += "image/png" in out.get("data", {})
             if out.get("output_type") == "stream":
                 lines += out.get("text", "").splitlines()
+            if out.get("output_type") == "execute_result":  # a cell's value, as evcxr shows it
+                value = out.get("data", {}).get("text/plain", "")
+                lines += value.splitlines()
+                if value.strip() == "()":
+                    found.append(f"cell {index} shows `()`: end its last statement with `;`")
             if out.get("output_type") == "error":
                 found.append(f"cell {index}: {out.get('ename', 'error')}: {out.get('evalue', '')}".strip())
             if out.get("output_type") == "stream" and PANIC in out.get("text", ""):
@@ -63,29 +69,30 @@ def problems(nb):
 def execute(path, out_dir, timeout):
     nb = nbformat.read(path, as_version=4)
     nb.metadata["kernelspec"] = {"name": KERNEL, "display_name": KERNEL, "language": "rust"}
-    # A persistent build dir per notebook name, outside the checkout (a Cargo.toml inside it would
-    # join this workspace) and shared by checkouts: the next run reuses the compiled dependencies.
-    # The lock keeps two runs from writing the same build dir at once.
-    build_dir = BUILD_HOME / path.stem
-    build_dir.mkdir(parents=True, exist_ok=True)
-    os.environ["EVCXR_TMPDIR"] = str(build_dir)
+    if BUILD_HOME:
+        build_dir = Path(BUILD_HOME) / path.stem
+        build_dir.mkdir(parents=True, exist_ok=True)
+        os.environ["EVCXR_TMPDIR"] = str(build_dir)
     client = NotebookClient(nb, timeout=timeout, kernel_name=KERNEL,
                             resources={"metadata": {"path": str(path.parent)}})
     errors = []
-    with open(BUILD_HOME / f"{path.stem}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            client.execute()
-        except CellExecutionError:
-            errors.append(None)  # its error output is in the notebook: problems() names the cell
-        except (CellTimeoutError, DeadKernelError, RuntimeError) as e:
-            errors.append(f"{type(e).__name__}: {e}")
+    try:
+        client.execute()
+    except CellExecutionError:
+        errors.append(None)  # its error output is in the notebook: problems() names the cell
+    except (CellTimeoutError, DeadKernelError, RuntimeError) as e:
+        errors.append(f"{type(e).__name__}: {e}")
     errors = [e for e in errors if e] + problems(nb) or (["a cell failed"] if errors else [])
 
     out_dir.mkdir(parents=True, exist_ok=True)
     ipynb, html = out_dir / path.name, out_dir / f"{path.stem}.html"
     nbformat.write(nb, ipynb)
-    body, _ = HTMLExporter().from_notebook_node(nb)
+    # Figures come as SVG (what Jupyter shows, as the book's) and PNG: the page embeds the PNG,
+    # which check_html.py finds pixel for pixel in Chromium's screenshot.
+    priority = HTMLExporter().default_config.NbConvertBase.display_data_priority
+    png_first = ["image/png"] + [m for m in priority if m != "image/png"]
+    exporter = HTMLExporter(config=Config({"NbConvertBase": {"display_data_priority": png_first}}))
+    body, _ = exporter.from_notebook_node(nb)
     html.write_text(body, encoding="utf-8")
     return errors, ipynb, html
 

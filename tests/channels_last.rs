@@ -4,8 +4,10 @@
 //! CPU's kernels), so neither is held to the other (see tests/numerics): the continuous results
 //! (loss, running statistics, the output layer's step) are measured against float64, and the
 //! whole step, whose gradients pass ReLU's kink, is compared between the layouts in float64.
+mod common;
 mod numerics;
 
+use common::chapter_sgd;
 use d2l::model::{resnet18, ResNet};
 use d2l::tch::nn::VarStore;
 use d2l::tch::{Device, Kind, Tensor};
@@ -30,15 +32,14 @@ struct Step {
     stats: Vec<Tensor>,
 }
 
-/// One SGD step of `net` on `x`, `y` (cast to the net's kind) through `DataParallel` on the CPU.
-fn step(net: &ResNet, vs: &VarStore, x: &Tensor, y: &Tensor, opts: &StepOptions) -> Step {
+/// One SGD step of `net` on `x`, `y` (cast to the net's kind): train_ch13's step on the CPU.
+fn step(net: &ResNet, x: &Tensor, y: &Tensor, opts: &StepOptions) -> Step {
     let before = copies(net.named_tensors().iter().map(|(_, t)| t));
-    let kind = net.fc.ws.kind();
-    let mut opt = sgd(vs, 0.01, 1e-3, true).unwrap();
-    let (loss, _) = DataParallel::new(net, &[Device::Cpu])
-        .unwrap()
-        .train_batch(&x.to_kind(kind), y, cross_entropy, &mut opt, opts)
-        .unwrap();
+    let kind = net.fc.weight.kind();
+    let mut opt = chapter_sgd(net, 0.01, 1e-3, true);
+    let mut dp = DataParallel::new(net, &[Device::Cpu]).unwrap();
+    let (loss, _) =
+        train_batch_ch13(&mut dp, &x.to_kind(kind), y, &cross_entropy, &mut opt, opts).unwrap();
     let (names, after): (Vec<String>, Vec<Tensor>) = net.named_tensors().into_iter().unzip();
     let moved = steps(&after, &before);
     let pick = |keep: &dyn Fn(&str) -> bool| -> Vec<Tensor> {
@@ -69,13 +70,13 @@ fn channels_last_gives_nhwc_strides_and_the_same_step() {
     d2l::tch::manual_seed(1);
     let vs = VarStore::new(Device::Cpu);
     let net = resnet18(&vs.root(), 2);
-    let (vs_cl, net_cl) = net.replicate(Device::Cpu).unwrap();
+    let (_vs_cl, net_cl) = net.replicate(Device::Cpu).unwrap();
     convert_channels_last(&net_cl).unwrap();
     let conv1 = &net_cl.named_tensors()[0].1;
     assert_eq!(conv1.size(), [64, 3, 7, 7]);
     assert_eq!(conv1.stride(), [147, 1, 21, 3]);
-    let (vs64, net64) = in_f64(&net);
-    let (vs64_cl, net64_cl) = in_f64(&net);
+    let (_vs64, net64) = in_f64(&net);
+    let (_vs64_cl, net64_cl) = in_f64(&net);
     convert_channels_last(&net64_cl).unwrap();
     // A channels-last model replicates (onto other devices) as channels-last.
     let (_vs, copy) = net_cl.replicate(Device::Cpu).unwrap();
@@ -89,10 +90,10 @@ fn channels_last_gives_nhwc_strides_and_the_same_step() {
         channels_last: true,
         ..StepOptions::default()
     };
-    let a = step(&net, &vs, &x, &y, &nchw);
-    let cl = step(&net_cl, &vs_cl, &x, &y, &nhwc);
-    let a64 = step(&net64, &vs64, &x, &y, &nchw);
-    let cl64 = step(&net64_cl, &vs64_cl, &x, &y, &nhwc);
+    let a = step(&net, &x, &y, &nchw);
+    let cl = step(&net_cl, &x, &y, &nhwc);
+    let a64 = step(&net64, &x, &y, &nchw);
+    let cl64 = step(&net64_cl, &x, &y, &nhwc);
 
     assert_fp32_as_close(
         "channels-last loss",

@@ -29,7 +29,7 @@ fn ctrl_c_stops_training_between_steps_and_a_checkpoint_can_still_be_saved() {
     let test = DataLoader::new(ImageFolder::new(root.join("test")).unwrap(), t(), 2).unwrap();
     let vs = VarStore::new(Device::Cpu);
     let net = resnet18(&vs.root(), 2);
-    let mut trainer = sgd(&vs, 1e-3, 0.0, true).unwrap();
+    let mut trainer = SGD::new([ParamGroup::new(net.parameters())], 1e-3, 0.0).unwrap();
     let devices = d2l::Devices(vec![Device::Cpu]);
     let opts = TrainOptions {
         no_figure: true,

@@ -1,10 +1,12 @@
 //! Data parallel over several devices (here CPU "devices", the same code path as several GPUs but
 //! for the threads) and the bf16 autocast switch. Float32 results are measured against the same
 //! computation in float64 (see tests/numerics).
+mod common;
 mod numerics;
 
+use common::chapter_sgd;
 use d2l::model::{resnet18, ResNet};
-use d2l::tch::nn::{ModuleT, Optimizer, VarStore};
+use d2l::tch::nn::{ModuleT, VarStore};
 use d2l::tch::{Device, Kind, Tensor};
 use d2l::train::*;
 use numerics::*;
@@ -48,13 +50,13 @@ fn is_fc(name: &str) -> bool {
 /// as the first device's are. Returns the summed loss and the number of correct predictions.
 fn data_parallel_by_hand(
     net: &ResNet,
-    opt: &mut Optimizer,
+    opt: &mut SGD,
     x: &Tensor,
     y: &Tensor,
     devices: i64,
 ) -> (f64, f64) {
-    let x = x.to_kind(net.fc.ws.kind());
-    opt.zero_grad();
+    let x = x.to_kind(net.fc.weight.kind());
+    opt.zero_grad().unwrap();
     let (mut loss, mut correct, mut first_stats) = (0.0, 0.0, None);
     for (xc, yc) in x.chunk(devices, 0).iter().zip(y.chunk(devices, 0).iter()) {
         let pred = net.forward_t(xc, true);
@@ -72,7 +74,7 @@ fn data_parallel_by_hand(
             );
         }
     }
-    opt.step();
+    opt.step().unwrap();
     d2l::tch::no_grad(|| {
         for (mut t, s) in running_stats(net).into_iter().zip(first_stats.unwrap()) {
             t.copy_(&s);
@@ -95,35 +97,34 @@ fn two_devices_take_the_same_steps_as_data_parallel_by_hand() {
     d2l::tch::manual_seed(0);
     let vs = VarStore::new(Device::Cpu);
     let net = resnet18(&vs.root(), 2);
-    let (vs_hand, hand) = net.replicate(Device::Cpu).unwrap();
-    let (vs64, net64) = in_f64(&net);
-    let (vs64_hand, hand64) = in_f64(&net);
+    let (_vs_hand, hand) = net.replicate(Device::Cpu).unwrap();
+    let (_vs64, net64) = in_f64(&net);
+    let (_vs64_hand, hand64) = in_f64(&net);
     let (fc0, stats0) = (tensors(&net, is_fc), tensors(&net, is_stat));
     let (params0, devices) = (tensors(&net, is_param), [Device::Cpu, Device::Cpu]);
     let mut dp = DataParallel::new(&net, &devices).unwrap();
     let mut dp64 = DataParallel::new(&net64, &devices).unwrap();
     assert_eq!(dp.len(), 2);
-    let opt = |vs: &VarStore| sgd(vs, 0.01, 1e-3, true).unwrap();
+    let opt = |n: &ResNet| chapter_sgd(n, 0.01, 1e-3, true);
     let (mut o, mut o_hand, mut o64, mut o64_hand) =
-        (opt(&vs), opt(&vs_hand), opt(&vs64), opt(&vs64_hand));
+        (opt(&net), opt(&hand), opt(&net64), opt(&hand64));
     // 64 px, 8 images in 2 chunks of 4: the last stage's BatchNorm sees 16 values a channel.
     let (x, y) = batch_of(8, 64);
     let default = StepOptions::default();
     let mut trusted_loss = 0.0f64;
     for i in 0..3 {
-        let (loss, correct) = dp
-            .train_batch(&x, &y, cross_entropy, &mut o, &default)
-            .unwrap();
+        let (loss, correct) =
+            train_batch_ch13(&mut dp, &x, &y, &cross_entropy, &mut o, &default).unwrap();
         let (loss_hand, correct_hand) = data_parallel_by_hand(&hand, &mut o_hand, &x, &y, 2);
-        let (loss64, correct64) = dp64
-            .train_batch(
-                &x.to_kind(Kind::Double),
-                &y,
-                cross_entropy,
-                &mut o64,
-                &default,
-            )
-            .unwrap();
+        let (loss64, correct64) = train_batch_ch13(
+            &mut dp64,
+            &x.to_kind(Kind::Double),
+            &y,
+            &cross_entropy,
+            &mut o64,
+            &default,
+        )
+        .unwrap();
         let (loss64_hand, _) = data_parallel_by_hand(&hand64, &mut o64_hand, &x, &y, 2);
         trusted_loss = trusted_loss.max(rel(loss_hand, loss64_hand));
         assert_f64_as_close(
@@ -177,27 +178,38 @@ fn a_batch_smaller_than_the_device_count_and_a_frozen_body_work() {
     d2l::tch::manual_seed(3);
     let vs = VarStore::new(Device::Cpu);
     let net = resnet18(&vs.root(), 2);
-    d2l::model::freeze_body(&vs);
-    let (vs_hand, hand) = net.replicate(Device::Cpu).unwrap();
-    let (vs64, hand64) = in_f64(&net);
+    // The chapter's second exercise: the body keeps its weights, only fc learns.
+    for (name, param) in net.named_parameters() {
+        if !is_fc(&name) {
+            let _ = param.set_requires_grad(false);
+        }
+    }
+    let (_vs_hand, hand) = net.replicate(Device::Cpu).unwrap();
+    let (_vs64, hand64) = in_f64(&net);
     let frozen = |n: &str| !is_fc(n) && !is_stat(n);
     let (body0, fc0, stats0) = (
         tensors(&net, frozen),
         tensors(&net, is_fc),
         tensors(&net, is_stat),
     );
-    let mut opt = sgd(&vs, 0.1, 0.0, false).unwrap();
-    let mut opt_hand = sgd(&vs_hand, 0.1, 0.0, false).unwrap();
-    let mut opt64 = sgd(&vs64, 0.1, 0.0, false).unwrap();
+    let mut opt = chapter_sgd(&net, 0.1, 0.0, false);
+    let mut opt_hand = chapter_sgd(&hand, 0.1, 0.0, false);
+    let mut opt64 = chapter_sgd(&hand64, 0.1, 0.0, false);
     let devices = [Device::Cpu, Device::Cpu, Device::Cpu];
     let mut dp = DataParallel::new(&net, &devices).unwrap();
     // 2 images on 3 devices: torch.chunk gives 2 chunks of one image. At 64 px the last stage is
     // 2x2, so BatchNorm normalises 4 values a channel and the pooled features are not 0 (at
     // 32 px it would normalise one value to exactly 0, and fc.weight would get no gradient).
     let (x, y) = batch_of(2, 64);
-    let (loss, _) = dp
-        .train_batch(&x, &y, cross_entropy, &mut opt, &StepOptions::default())
-        .unwrap();
+    let (loss, _) = train_batch_ch13(
+        &mut dp,
+        &x,
+        &y,
+        &cross_entropy,
+        &mut opt,
+        &StepOptions::default(),
+    )
+    .unwrap();
     let (loss_hand, _) = data_parallel_by_hand(&hand, &mut opt_hand, &x, &y, 3);
     let (loss64, _) = data_parallel_by_hand(&hand64, &mut opt64, &x, &y, 3);
     assert_fp32_as_close("loss", rel(loss, loss64), rel(loss_hand, loss64));
@@ -244,38 +256,6 @@ fn data_parallel_needs_devices_and_the_model_on_the_first_one() {
         "{err}"
     );
     assert!(DataParallel::new(&net, &[Device::Cpu]).is_ok());
-}
-
-#[test]
-fn train_batch_ch13_runs_on_one_device_and_points_to_data_parallel() {
-    let vs = VarStore::new(Device::Cpu);
-    let net = resnet18(&vs.root(), 2);
-    let (x, y) = batch_of(2, 32);
-    let mut opt = sgd(&vs, 0.1, 0.0, false).unwrap();
-    let err = train_batch_ch13(
-        &net,
-        &x,
-        &y,
-        cross_entropy,
-        &mut opt,
-        &d2l::Devices(vec![Device::Cpu, Device::Cpu]),
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(
-        err.contains("runs on one device") && err.contains("DataParallel"),
-        "{err}"
-    );
-    let (loss, correct) = train_batch_ch13(
-        &net,
-        &x,
-        &y,
-        cross_entropy,
-        &mut opt,
-        &d2l::Devices(vec![Device::Cpu]),
-    )
-    .unwrap();
-    assert!(loss.is_finite() && loss > 0.0 && (0.0..=2.0).contains(&correct));
 }
 
 #[test]

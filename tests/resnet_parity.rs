@@ -7,13 +7,16 @@
 //! ours may be off by what PyTorch's own float32 run is off (the eval logits and the first loss,
 //! continuous results). The training itself (3 steps, whose gradients pass ReLU's kinks) is
 //! compared in float64, ours against PyTorch's, where only float64's rounding separates them.
+mod common;
 mod numerics;
 
 use std::path::{Path, PathBuf};
 
+use common::chapter_sgd;
 use d2l::model::{read_pth, resnet18_from};
 use d2l::tch::nn::{ModuleT, VarStore};
 use d2l::tch::{Device, Kind, Tensor};
+use d2l::train::{cross_entropy, train_batch_ch13, DataParallel, StepOptions};
 use numerics::*;
 
 fn parity_dir() -> PathBuf {
@@ -38,7 +41,7 @@ fn io(dir: &Path) -> (Tensor, Tensor, Tensor, Tensor) {
 /// The fixture's initial network, in float32 or float64.
 fn init(dir: &Path, kind: Kind) -> (VarStore, d2l::model::ResNet) {
     let mut vs = VarStore::new(Device::Cpu);
-    let net = resnet18_from(&vs, &dir.join("init.pth"), 2).unwrap();
+    let net = resnet18_from(&vs, &dir.join("init.pth")).unwrap();
     if kind == Kind::Double {
         vs.double();
     }
@@ -70,18 +73,19 @@ fn eval_logits_match_pytorch() {
 /// state dict after.
 fn three_steps(dir: &Path, kind: Kind, lr: f64, wd: f64) -> (Vec<f64>, VarStore) {
     let (vs, net) = init(dir, kind);
-    let mut trainer = d2l::train::sgd(&vs, lr, wd, true).unwrap();
+    let mut trainer = chapter_sgd(&net, lr, wd, true);
     let (x, y, _, _) = io(dir);
     let x = x.to_kind(kind);
-    let mut losses = Vec::new();
-    for _ in 0..3 {
-        trainer.zero_grad();
-        let l = d2l::train::cross_entropy(&net.forward_t(&x, true), &y).unwrap();
-        let l = l.sum(l.kind());
-        l.backward();
-        trainer.step();
-        losses.push(l.double_value(&[]));
-    }
+    // The step train_ch13 takes, on one device.
+    let mut dp = DataParallel::new(&net, &[Device::Cpu]).unwrap();
+    let opts = StepOptions::default();
+    let losses = (0..3)
+        .map(|_| {
+            train_batch_ch13(&mut dp, &x, &y, &cross_entropy, &mut trainer, &opts)
+                .unwrap()
+                .0
+        })
+        .collect();
     (losses, vs)
 }
 

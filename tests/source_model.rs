@@ -1,7 +1,7 @@
 //! The offline source model: trained for real on the synthetic food set, cached by config, and
 //! usable as the fine-tuning model's body.
 use d2l::data::synthetic::SourceConfig;
-use d2l::model::{pretrain_source_model, resnet18_fine_tune, SourceModelConfig};
+use d2l::model::{pretrain_source_model, resnet18_from, SourceModelConfig};
 use d2l::tch::nn::VarStore;
 use d2l::tch::Device;
 
@@ -50,7 +50,8 @@ fn source_model_is_trained_once_cached_and_says_what_it_is() {
         "{entries:?}"
     );
 
+    // It loads as a ResNet-18 with one output a source class.
     let vs = VarStore::new(Device::Cpu);
-    let net = resnet18_fine_tune(&vs, &model.weights, 2).unwrap();
-    assert_eq!(net.fc.out_features, 2);
+    let net = resnet18_from(&vs, &model.weights).unwrap();
+    assert_eq!(net.fc.out_features, model.classes.len() as i64);
 }

@@ -1,4 +1,7 @@
 //! train_ch13 on a tiny synthetic run: history, print format, plot-point schedule, metrics.
+mod common;
+
+use common::chapter_sgd;
 use d2l::data::synthetic::{make_hotdog_dataset, HotdogConfig};
 use d2l::data::transforms::*;
 use d2l::data::{DataLoader, ImageFolder};
@@ -78,7 +81,7 @@ fn tiny_run_gives_history_and_d2l_result_lines() {
     let (train_iter, test_iter) = tiny_loaders(dir.path(), 16);
     let vs = VarStore::new(Device::Cpu);
     let net = resnet18(&vs.root(), 2);
-    let mut trainer = sgd(&vs, 1e-3, 1e-3, true).unwrap();
+    let mut trainer = chapter_sgd(&net, 1e-3, 1e-3, true);
     let devices = d2l::Devices(vec![Device::Cpu]);
 
     let history = train_ch13(
@@ -171,8 +174,8 @@ fn train_ch13_on_two_devices_splits_batches_and_names_both() {
     d2l::tch::manual_seed(0);
     let vs = VarStore::new(Device::Cpu);
     let net = resnet18(&vs.root(), 2);
-    let (vs_dp, by_hand) = net.replicate(Device::Cpu).unwrap();
-    let (vs_one, one_device) = net.replicate(Device::Cpu).unwrap();
+    let (_vs_dp, by_hand) = net.replicate(Device::Cpu).unwrap();
+    let (_vs_one, one_device) = net.replicate(Device::Cpu).unwrap();
     let params = |n: &d2l::model::ResNet| -> Vec<Tensor> {
         let named = n.named_tensors();
         let params = named
@@ -187,9 +190,9 @@ fn train_ch13_on_two_devices_splits_batches_and_names_both() {
         quiet: true,
         ..TrainOptions::default()
     };
-    let run = |net: &d2l::model::ResNet, vs: &VarStore, devices: &d2l::Devices| {
+    let run = |net: &d2l::model::ResNet, devices: &d2l::Devices| {
         train_iter.set_epoch(0);
-        let mut trainer = sgd(vs, 1e-3, 1e-3, true).unwrap();
+        let mut trainer = chapter_sgd(net, 1e-3, 1e-3, true);
         train_ch13_with(
             net,
             &train_iter,
@@ -202,19 +205,26 @@ fn train_ch13_on_two_devices_splits_batches_and_names_both() {
         )
         .unwrap()
     };
-    let history = run(&net, &vs, &two);
+    let history = run(&net, &two);
     assert_eq!(history.devices, "[device(type='cpu'), device(type='cpu')]");
     assert!(history.train_loss.is_finite() && history.points.len() == 4);
 
     // The same epoch's batches (the loader replays epoch 0), each split by DataParallel over the
     // two devices: the same computation on the same inputs, so the same bits.
     train_iter.set_epoch(0);
-    let mut trainer = sgd(&vs_dp, 1e-3, 1e-3, true).unwrap();
+    let mut trainer = chapter_sgd(&by_hand, 1e-3, 1e-3, true);
     let mut dp = DataParallel::new(&by_hand, &two).unwrap();
     for batch in &train_iter {
         let (x, y) = batch.unwrap();
-        dp.train_batch(&x, &y, cross_entropy, &mut trainer, &StepOptions::default())
-            .unwrap();
+        train_batch_ch13(
+            &mut dp,
+            &x,
+            &y,
+            &cross_entropy,
+            &mut trainer,
+            &StepOptions::default(),
+        )
+        .unwrap();
     }
     let tensors = |n: &d2l::model::ResNet| -> Vec<Tensor> {
         n.named_tensors().into_iter().map(|(_, t)| t).collect()
@@ -228,7 +238,7 @@ fn train_ch13_on_two_devices_splits_batches_and_names_both() {
     // And the split matters: on one device BatchNorm normalises whole batches of 4, not chunks
     // of 2, and the epoch's parameters end far from there (not by rounding: by a tenth of the
     // step or more).
-    run(&one_device, &vs_one, &d2l::Devices(vec![Device::Cpu]));
+    run(&one_device, &d2l::Devices(vec![Device::Cpu]));
     let moved = |n: &d2l::model::ResNet| -> Vec<Tensor> {
         params(n).iter().zip(&start).map(|(a, b)| a - b).collect()
     };

@@ -16,13 +16,14 @@
 //! println!("{devices}"); // [device(type='cpu')] or [device(type='cuda', index=0)]
 //! ```
 
-pub mod chapter;
 pub mod data;
 mod device;
 mod display;
 mod error;
 mod files;
 pub mod model;
+pub mod offline;
+mod settings;
 pub mod train;
 
 pub use data::{download, download_extract, DataLoader, ImageFolder, DATA_HUB, DATA_URL};
@@ -33,4 +34,5 @@ pub use display::{
 };
 pub use error::{exit_code, Error, Result};
 pub use image;
+pub use settings::{d2l_home, Settings};
 pub use tch;

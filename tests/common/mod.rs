@@ -150,3 +150,38 @@ pub fn files_below(dir: &Path) -> Vec<String> {
     out.sort();
     out
 }
+
+/// The chapter's optimiser as the notebook's `fine_tune` builds it: SGD with weight decay and,
+/// with `param_group`, the output layer `fc` in a group of its own at ten times `lr`.
+pub fn chapter_sgd(
+    net: &d2l::model::ResNet,
+    lr: f64,
+    weight_decay: f64,
+    param_group: bool,
+) -> d2l::train::SGD {
+    use d2l::train::{ParamGroup, SGD};
+    let groups = if param_group {
+        let body = net
+            .named_parameters()
+            .into_iter()
+            .filter(|(name, _)| !name.starts_with("fc."))
+            .map(|(_, p)| p)
+            .collect();
+        vec![
+            ParamGroup::new(body),
+            ParamGroup::new(net.fc.parameters()).lr(lr * 10.0),
+        ]
+    } else {
+        vec![ParamGroup::new(net.parameters())]
+    };
+    SGD::new(groups, lr, weight_decay).unwrap()
+}
+
+/// The chapter's target model as the notebook makes `finetune_net`: ResNet-18 with every weight
+/// from `weights`, then a new 2-output `fc` with Xavier-uniform weights.
+pub fn fine_tune_net(vs: &d2l::tch::nn::VarStore, weights: &Path) -> d2l::model::ResNet {
+    let mut net = d2l::model::resnet18_from(vs, weights).unwrap();
+    net.fc = d2l::model::Linear::new(vs, "fc", net.fc.in_features, 2);
+    d2l::model::xavier_uniform_(&net.fc.weight).unwrap();
+    net
+}

@@ -320,8 +320,13 @@ impl Progress {
 
 /// Downloads and extracts a zip or tar.gz data set; returns the extracted folder (d2l's
 /// `download_extract`: `../data/hotdog` for `"hotdog"`). Extracts once: a marker beside the
-/// archive records its SHA-1, and a later call with the same archive does nothing.
+/// archive records its SHA-1, and a later call with the same archive does nothing. Where the
+/// offline stand-in is in force ([`Settings::auto`](crate::Settings::auto)), `"hotdog"` is its
+/// generated set instead.
 pub fn download_extract(name: &str) -> Result<PathBuf> {
+    if let Some(stand_in) = crate::offline::data_set(name) {
+        return stand_in;
+    }
     let (archive, sha1) = download_checked(name)?;
     extract_known(&archive, sha1)
 }

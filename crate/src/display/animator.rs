@@ -223,12 +223,13 @@ impl Animator {
         crate::files::write_atomically(path, &bytes)
     }
 
-    /// In a notebook, shows the figure (PNG) as the cell's output; elsewhere saves `name.svg`
-    /// and `name.png` into [`figures_dir`](super::figures_dir) and prints where. Returns the
-    /// saved PNG's path outside a notebook.
+    /// In a notebook, shows the figure as the cell's output (SVG, as the book's, with a PNG beside
+    /// it for front ends without SVG); elsewhere saves `name.svg` and `name.png` into
+    /// [`figures_dir`](super::figures_dir) and prints where. Returns the saved PNG's path outside
+    /// a notebook.
     pub fn show(&self, name: &str) -> Result<Option<PathBuf>> {
         if super::in_notebook() {
-            self.to_png()?.evcxr_display();
+            self.display_inline()?;
             return Ok(None);
         }
         let dir = super::figures_dir();
@@ -244,10 +245,17 @@ impl Animator {
 
     /// Shows the figure inline when it is the value of an evcxr cell.
     pub fn evcxr_display(&self) {
-        match self.to_png() {
-            Ok(png) => png.evcxr_display(),
-            Err(e) => println!("Animator: cannot draw the figure: {e}"),
+        if let Err(e) = self.display_inline() {
+            println!("Animator: cannot draw the figure: {e}");
         }
+    }
+
+    /// The cell's output: SVG and PNG in one display (the front end picks the one it shows).
+    fn display_inline(&self) -> Result<()> {
+        let (svg, png) = (self.to_svg()?, self.to_png()?);
+        super::evcxr_content("image/svg+xml", &svg);
+        png.evcxr_display();
+        Ok(())
     }
 
     fn check(&self) -> Result<()> {

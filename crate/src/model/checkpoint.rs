@@ -17,6 +17,7 @@ use tch::{Device, Kind, Tensor};
 use super::{resnet18, ResNet};
 use crate::data::transforms::{CenterCrop, Compose, Normalize, Resize, ToTensor};
 use crate::error::{Error, Result};
+use crate::settings::Settings;
 
 /// What a checkpoint's JSON file holds.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -33,9 +34,12 @@ pub struct CheckpointConfig {
     pub std: [f32; 3],
     /// SHA-256 of the `.safetensors` file, checked on load.
     pub weights_sha256: String,
-    /// Anything else worth keeping (profile, learning rate, test accuracy).
+    /// Anything else worth keeping (learning rate, test accuracy).
     #[serde(default)]
     pub notes: BTreeMap<String, String>,
+    /// The chapter's settings in force when it was saved ([`Settings::auto`]).
+    #[serde(default)]
+    pub settings: Option<Settings>,
 }
 
 /// The two files of a checkpoint named `stem` (`dir/hotdog` -> `dir/hotdog.safetensors`,
@@ -116,6 +120,7 @@ pub fn save_checkpoint(
         std: [0.229, 0.224, 0.225],
         weights_sha256: sha256_file(tmp.path())?,
         notes,
+        settings: Settings::current(),
     };
     tmp.persist(&weights)
         .map_err(|e| Error::io(&weights, e.error))?;

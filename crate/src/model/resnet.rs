@@ -6,17 +6,18 @@ use tch::Tensor;
 
 use super::conv::{conv2d, Conv2d};
 
-/// A fully connected layer that prints like PyTorch's `nn.Linear`.
-#[derive(Debug)]
+/// A fully connected layer with PyTorch's names (`weight` `[out, in]`, `bias` `[out]`), printed
+/// like PyTorch's `nn.Linear`.
 pub struct Linear {
-    pub ws: Tensor,
-    pub bs: Tensor,
+    pub weight: Tensor,
+    pub bias: Tensor,
     pub in_features: i64,
     pub out_features: i64,
 }
 
-/// `nn.Linear(in_features, out_features)` with PyTorch's default initialisation: weight and bias
-/// uniform in `±1/sqrt(in_features)` (`kaiming_uniform_(a=sqrt(5))` gives that bound).
+/// `nn.Linear(in_features, out_features)` under `p` with PyTorch's default initialisation:
+/// weight and bias uniform in `±1/sqrt(in_features)` (`kaiming_uniform_(a=sqrt(5))` gives that
+/// bound).
 pub fn linear(p: nn::Path, in_features: i64, out_features: i64) -> Linear {
     let bound = 1.0 / (in_features as f64).sqrt();
     let init = Init::Uniform {
@@ -24,20 +25,51 @@ pub fn linear(p: nn::Path, in_features: i64, out_features: i64) -> Linear {
         up: bound,
     };
     Linear {
-        ws: p.var("weight", &[out_features, in_features], init),
-        bs: p.var("bias", &[out_features], init),
+        weight: p.var("weight", &[out_features, in_features], init),
+        bias: p.var("bias", &[out_features], init),
         in_features,
         out_features,
     }
 }
 
 impl Linear {
+    /// A new layer named `name` in `vs` (`"fc"`), as assigning one in PyTorch:
+    /// `net.fc = nn.Linear(512, 2)` is `net.fc = Linear::new(&vs, "fc", 512, 2)`. Variables of
+    /// that name already in `vs` (the layer it replaces) leave it, so that saving, loading and
+    /// `vs.variables()` see the new layer only.
+    pub fn new(vs: &nn::VarStore, name: &str, in_features: i64, out_features: i64) -> Linear {
+        {
+            let mut vars = vs.variables_.lock().unwrap_or_else(|e| e.into_inner());
+            for what in ["weight", "bias"] {
+                if let Some(old) = vars.named_variables.remove(&format!("{name}.{what}")) {
+                    vars.trainable_variables
+                        .retain(|v| v.tensor.data_ptr() != old.data_ptr());
+                }
+            }
+        }
+        let p = name.split('.').fold(vs.root(), |p, part| p.sub(part));
+        linear(p, in_features, out_features)
+    }
+
+    /// `weight` and `bias` (PyTorch's `parameters()`), sharing storage with the layer.
+    pub fn parameters(&self) -> Vec<Tensor> {
+        vec![self.weight.shallow_clone(), self.bias.shallow_clone()]
+    }
+
     /// PyTorch's repr: `Linear(in_features=512, out_features=1000, bias=True)`.
     pub fn repr(&self) -> String {
         format!(
             "Linear(in_features={}, out_features={}, bias=True)",
             self.in_features, self.out_features
         )
+    }
+}
+
+/// Prints as PyTorch does, so that a notebook cell whose value is `net.fc` shows what the
+/// book's shows.
+impl fmt::Debug for Linear {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.repr())
     }
 }
 
@@ -49,7 +81,7 @@ impl fmt::Display for Linear {
 
 impl nn::Module for Linear {
     fn forward(&self, xs: &Tensor) -> Tensor {
-        xs.linear(&self.ws, Some(&self.bs))
+        xs.linear(&self.weight, Some(&self.bias))
     }
 }
 
@@ -138,8 +170,7 @@ pub fn resnet18(p: &nn::Path, num_classes: i64) -> ResNet {
         conv1: conv2d(p / "conv1", 3, 64, 7, 2, 3),
         bn1: bn(p / "bn1", 64),
         layers,
-        // Optimiser group 1, so that the output layer can get its own learning rate.
-        fc: linear(p.set_group(1) / "fc", 512, num_classes),
+        fc: linear(p / "fc", 512, num_classes),
     }
 }
 
@@ -196,9 +227,26 @@ impl ResNet {
                 }
             }
         }
-        out.push(("fc.weight".to_owned(), self.fc.ws.shallow_clone()));
-        out.push(("fc.bias".to_owned(), self.fc.bs.shallow_clone()));
+        out.push(("fc.weight".to_owned(), self.fc.weight.shallow_clone()));
+        out.push(("fc.bias".to_owned(), self.fc.bias.shallow_clone()));
         out
+    }
+
+    /// The trainable tensors with their names (PyTorch's `named_parameters()`): every tensor
+    /// but BatchNorm's running statistics, frozen ones included.
+    pub fn named_parameters(&self) -> Vec<(String, Tensor)> {
+        self.named_tensors()
+            .into_iter()
+            .filter(|(name, _)| !name.contains(".running_"))
+            .collect()
+    }
+
+    /// PyTorch's `parameters()`: [`ResNet::named_parameters`] without the names.
+    pub fn parameters(&self) -> Vec<Tensor> {
+        self.named_parameters()
+            .into_iter()
+            .map(|(_, t)| t)
+            .collect()
     }
 }
 
@@ -256,7 +304,7 @@ impl BasicBlock {
 /// A short summary: each stage with its trainable parameter count.
 impl fmt::Display for ResNet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let fc = self.fc.ws.numel() as i64 + self.fc.bs.numel() as i64;
+        let fc = self.fc.weight.numel() as i64 + self.fc.bias.numel() as i64;
         let mut rows = vec![
             (
                 "conv1".to_owned(),

@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use tch::nn::{ModuleT, OptimizerConfig, VarStore};
-use tch::{Device, Kind};
+use tch::nn::VarStore;
+use tch::{Device, Reduction};
 
 use super::resnet18;
 use crate::data::synthetic::{make_source_dataset, SourceConfig};
@@ -14,6 +14,10 @@ use crate::data::transforms::{
 };
 use crate::data::{DataLoader, ImageFolder};
 use crate::error::{Error, Result};
+use crate::train::{
+    evaluate_accuracy_gpu, train_batch_ch13, CrossEntropyLoss, DataParallel, ParamGroup,
+    StepOptions, SGD,
+};
 
 /// How the source model is trained.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -78,13 +82,9 @@ pub fn pretrain_source_model(
     device: Device,
 ) -> Result<SourceModel> {
     let cache = cache.as_ref();
-    let config = serde_json::to_string_pretty(cfg).map_err(|e| Error::Invalid(e.to_string()))?;
     // The classes are part of what the model is: a new class list makes a new model.
-    let keyed = format!("{config}{:?}", crate::data::synthetic::SOURCE_CLASSES);
-    let key = keyed.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-    });
-    let dir = cache.join(format!("source-model-{key:016x}"));
+    let key = crate::offline::config_key(&(cfg, crate::data::synthetic::SOURCE_CLASSES))?;
+    let dir = cache.join(format!("source-model-{key}"));
     let report = dir.join("report.json");
     if let Ok(text) = std::fs::read_to_string(&report) {
         if let Ok(model) = serde_json::from_str::<SourceModel>(&text) {
@@ -127,13 +127,16 @@ pub fn pretrain_source_model(
     tch::manual_seed(cfg.seed as i64);
     let vs = VarStore::new(device);
     let net = resnet18(&vs.root(), classes.len() as i64);
-    let mut opt = tch::nn::Sgd {
-        momentum: 0.9,
-        dampening: 0.0,
-        wd: cfg.weight_decay,
-        nesterov: false,
-    }
-    .build(&vs, cfg.lr)?;
+    let mut trainer = SGD::with_momentum(
+        [ParamGroup::new(net.parameters())],
+        cfg.lr,
+        0.9,
+        cfg.weight_decay,
+    )?;
+    // The mean over the batch (train_batch_ch13 sums what the loss gives: one value here).
+    let loss = CrossEntropyLoss::new(Reduction::Mean);
+    let mut parallel = DataParallel::new(&net, &[device])?;
+    let opts = StepOptions::default();
     let start = Instant::now();
     let steps = (cfg.epochs * train_iter.len()).max(1);
     let mut step = 0;
@@ -144,12 +147,9 @@ pub fn pretrain_source_model(
             // Cosine decay: from-scratch training on a small set settles better with it.
             let lr =
                 cfg.lr * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / steps as f64).cos());
-            opt.set_lr(lr);
-            let loss = net
-                .forward_t(&x.to_device(device), true)
-                .cross_entropy_for_logits(&y.to_device(device));
-            opt.backward_step(&loss);
-            loss_sum += loss.double_value(&[]);
+            trainer.set_lr(0, lr)?;
+            let (l, _) = train_batch_ch13(&mut parallel, &x, &y, &loss, &mut trainer, &opts)?;
+            loss_sum += l;
             step += 1;
         }
         println!(
@@ -159,19 +159,7 @@ pub fn pretrain_source_model(
             loss_sum / train_iter.len() as f64
         );
     }
-    let (mut correct, mut total) = (0i64, 0i64);
-    tch::no_grad(|| -> Result<()> {
-        for batch in &test_iter {
-            let (x, y) = batch?;
-            let pred = net.forward_t(&x.to_device(device), false).argmax(-1, false);
-            correct += pred
-                .eq_tensor(&y.to_device(device))
-                .sum(Kind::Int64)
-                .int64_value(&[]);
-            total += y.size()[0];
-        }
-        Ok(())
-    })?;
+    let test_acc = evaluate_accuracy_gpu(&net, &test_iter, device)?;
 
     std::fs::create_dir_all(cache).map_err(|e| Error::io(cache, e))?;
     let staging = tempfile::Builder::new()
@@ -183,7 +171,7 @@ pub fn pretrain_source_model(
         weights: dir.join("model.safetensors"),
         config: cfg.clone(),
         classes,
-        test_acc: correct as f64 / total.max(1) as f64,
+        test_acc,
         train_seconds: start.elapsed().as_secs_f64(),
     };
     let text = serde_json::to_string_pretty(&model).map_err(|e| Error::Invalid(e.to_string()))?;

@@ -1,8 +1,9 @@
 //! ImageNet weights for ResNet-18 (torchvision's `IMAGENET1K_V1`), fetched and cached like
-//! `torch.hub`, and the chapter's fine-tuning model built from them.
+//! `torch.hub`, ResNet-18 built from a weights file, and `xavier_uniform_`.
 use std::path::{Path, PathBuf};
 
-use tch::nn::{Init, VarStore};
+use tch::nn::VarStore;
+use tch::Tensor;
 
 use super::{load_state_dict, read_pth, resnet18, ResNet};
 use crate::data::{fetch, Checksum};
@@ -28,8 +29,12 @@ pub fn torch_home() -> PathBuf {
 
 /// The path of a torchvision weights file, downloaded into `<torch_home>/hub/checkpoints/` if it
 /// is not there yet (a file PyTorch already fetched is reused) and checked against the SHA-256
-/// prefix in its name, as torch.hub does.
+/// prefix in its name, as torch.hub does. Where the offline stand-in is in force, ResNet-18's
+/// ImageNet file is the source model it pre-trained here instead.
 pub fn weights_file(file_name: &str) -> Result<PathBuf> {
+    if let Some(stand_in) = crate::offline::weights(file_name) {
+        return stand_in;
+    }
     let path = torch_home().join("hub").join("checkpoints").join(file_name);
     let prefix = file_name
         .rsplit_once('-')
@@ -42,46 +47,52 @@ pub fn weights_file(file_name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// ResNet-18 with ImageNet weights (1000 classes), like
-/// `torchvision.models.resnet18(weights=ResNet18_Weights.IMAGENET1K_V1)`.
+/// ResNet-18 with its pre-trained weights, like
+/// `torchvision.models.resnet18(weights=ResNet18_Weights.IMAGENET1K_V1)`: torchvision's ImageNet
+/// weights (1000 classes), fetched once ([`weights_file`]). Where the offline stand-in is in use
+/// ([`Settings::auto`](crate::Settings::auto)), the ResNet-18 it pre-trained here instead.
 pub fn resnet18_pretrained(vs: &VarStore) -> Result<ResNet> {
     let path = weights_file(RESNET18_IMAGENET1K_V1)?;
-    resnet18_from(vs, &path, 1000)
+    resnet18_from(vs, &path)
 }
 
-/// ResNet-18 with `num_classes` outputs and every weight from a state-dict file (`.pth` from
-/// `torch.save`, or `.safetensors`).
-pub fn resnet18_from(vs: &VarStore, weights: &Path, num_classes: i64) -> Result<ResNet> {
+/// ResNet-18 with every weight from a state-dict file (`.pth` from `torch.save`, or
+/// `.safetensors`); as many outputs as the file's `fc.weight` has rows.
+pub fn resnet18_from(vs: &VarStore, weights: &Path) -> Result<ResNet> {
+    let state = read_weights(weights)?;
+    let num_classes = state
+        .iter()
+        .find(|(name, _)| name == "fc.weight")
+        .map(|(_, t)| t.size())
+        .and_then(|size| (size.len() == 2).then(|| size[0]))
+        .ok_or_else(|| crate::Error::Weights {
+            path: weights.to_owned(),
+            msg: "no 2-D \"fc.weight\": not a ResNet state dict".into(),
+        })?;
     let net = resnet18(&vs.root(), num_classes);
-    load_state_dict(vs, &read_weights(weights)?, &[], weights)?;
+    load_state_dict(vs, &state, &[], weights)?;
     Ok(net)
 }
 
-/// The chapter's target model: ResNet-18's body from `weights`, and a new output layer of
-/// `num_classes` with `xavier_uniform_` weights and `nn.Linear`'s default bias.
-///
-/// `fc` is in optimiser group 1 and everything else in group 0, so that an optimiser can give
-/// the new layer ten times the learning rate (`opt.set_lr_group(1, 10.0 * lr)`).
-pub fn resnet18_fine_tune(vs: &VarStore, weights: &Path, num_classes: i64) -> Result<ResNet> {
-    let mut net = resnet18(&vs.root(), num_classes);
-    load_state_dict(vs, &read_weights(weights)?, &["fc."], weights)?;
-    xavier_uniform(&mut net);
-    Ok(net)
-}
-
-/// `nn.init.xavier_uniform_(net.fc.weight)`: uniform in `±sqrt(6 / (fan_in + fan_out))`.
-pub fn xavier_uniform(net: &mut ResNet) {
-    let bound = (6.0 / (net.fc.in_features + net.fc.out_features) as f64).sqrt();
-    tch::no_grad(|| {
-        net.fc.ws.init(Init::Uniform {
-            lo: -bound,
-            up: bound,
-        })
-    });
+/// `nn.init.xavier_uniform_(t)`: uniform in `±sqrt(6 / (fan_in + fan_out))`, in place (for a
+/// `[out, in]` weight, `fan_in = in`, `fan_out = out`; a convolution's counts its kernel too).
+pub fn xavier_uniform_(t: &Tensor) -> Result<()> {
+    let size = t.size();
+    if size.len() < 2 {
+        return Err(crate::Error::Invalid(format!(
+            "xavier_uniform_: a tensor of shape {size:?} has no fan-in and fan-out (it needs 2 dimensions or more)"
+        )));
+    }
+    let receptive: i64 = size[2..].iter().product();
+    let (fan_in, fan_out) = (size[1] * receptive, size[0] * receptive);
+    let bound = (6.0 / (fan_in + fan_out) as f64).sqrt();
+    let mut t = t.shallow_clone();
+    tch::no_grad(|| t.f_uniform_(-bound, bound).map(drop))?;
+    Ok(())
 }
 
 /// Tensors of a `.pth`/`.pt` (torch.save) or `.safetensors` file, by name.
-pub fn read_weights(path: &Path) -> Result<Vec<(String, tch::Tensor)>> {
+pub fn read_weights(path: &Path) -> Result<Vec<(String, Tensor)>> {
     if path.extension().is_some_and(|e| e == "safetensors") {
         return tch::Tensor::read_safetensors(path).map_err(|e| crate::Error::Weights {
             path: path.to_owned(),
@@ -89,56 +100,4 @@ pub fn read_weights(path: &Path) -> Result<Vec<(String, tch::Tensor)>> {
         });
     }
     read_pth(path)
-}
-
-/// Stops gradients for everything but the output layer `fc` (the chapter's exercise: freeze
-/// the pre-trained body). Frozen parameters get no gradient, so SGD leaves them as they are,
-/// weight decay included, as in PyTorch.
-pub fn freeze_body(vs: &VarStore) {
-    for (name, var) in vs.variables() {
-        if !name.starts_with("fc.") {
-            let _ = var.set_requires_grad(false);
-        }
-    }
-}
-
-/// Starts output `target_class` of `net.fc` from the ImageNet head's row `source_class` (the
-/// chapter's exercise: class 934 is "hotdog, hot dog, red hot"). `source` is the ImageNet state
-/// dict, as [`read_weights`] gives it.
-pub fn init_head_from_class(
-    net: &mut ResNet,
-    source: &[(String, tch::Tensor)],
-    source_class: i64,
-    target_class: i64,
-) -> Result<()> {
-    let get = |name: &str| {
-        source
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, t)| t)
-            .ok_or_else(|| {
-                crate::Error::Invalid(format!(
-                    "init_head_from_class: the source weights have no {name:?}"
-                ))
-            })
-    };
-    let (w, b) = (get("fc.weight")?, get("fc.bias")?);
-    let rows = w.size()[0];
-    if !(0..rows).contains(&source_class) || !(0..net.fc.out_features).contains(&target_class) {
-        return Err(crate::Error::Invalid(format!(
-            "init_head_from_class: class {source_class} of {rows} -> {target_class} of {} is out of range",
-            net.fc.out_features
-        )));
-    }
-    tch::no_grad(|| -> Result<()> {
-        net.fc
-            .ws
-            .f_get(target_class)?
-            .f_copy_(&w.f_get(source_class)?)?;
-        net.fc
-            .bs
-            .f_get(target_class)?
-            .f_copy_(&b.f_get(source_class)?)?;
-        Ok(())
-    })
 }

@@ -4,17 +4,18 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde::{Deserialize, Serialize};
-use tch::nn::{ModuleT, Optimizer};
-use tch::Tensor;
+use tch::nn::ModuleT;
 
 use super::parallel::{
-    convert_channels_last, to_device, with_precision, DataParallel, Replicate, StepOptions,
+    convert_channels_last, to_device, train_batch_ch13, with_precision, DataParallel, Replicate,
+    StepOptions,
 };
-use super::{accuracy, Accumulator, Timer};
+use super::{accuracy, Accumulator, Loss, Timer, Trainer};
 use crate::data::DataLoader;
 use crate::device::{device_repr, Devices};
 use crate::display::Animator;
 use crate::error::{Error, Result};
+use crate::settings::Settings;
 
 /// Test accuracy of `net` over `data_iter`, in eval mode without gradients (d2l's
 /// `evaluate_accuracy_gpu`).
@@ -83,6 +84,10 @@ pub struct History {
     /// Where the run's wall time went.
     #[serde(default)]
     pub timing: Timing,
+    /// The chapter's settings this run was made under (the book's, or the offline stand-in's),
+    /// when a notebook or program chose them ([`Settings::auto`]).
+    #[serde(default)]
+    pub settings: Option<Settings>,
 }
 
 /// Where a `train_ch13` run's wall time went, in seconds: d2l's timer covers only the steps;
@@ -151,31 +156,6 @@ impl History {
     }
 }
 
-/// One training step (d2l's `train_batch_ch13`): summed loss, backward, step. Returns the summed
-/// loss and the number of correct predictions.
-pub fn train_batch_ch13(
-    net: &impl ModuleT,
-    x: &Tensor,
-    y: &Tensor,
-    loss: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
-    trainer: &mut Optimizer,
-    devices: &Devices,
-) -> Result<(f64, f64)> {
-    let &[device] = &devices[..] else {
-        return Err(Error::Invalid(format!(
-            "train_batch_ch13 runs on one device, got {devices}; for several use train::DataParallel (train_ch13 does)"
-        )));
-    };
-    let (x, y) = (x.f_to_device(device)?, y.f_to_device(device)?);
-    trainer.zero_grad();
-    let pred = net.forward_t(&x, true);
-    let l = loss(&pred, &y)?;
-    let l = l.f_sum(l.kind())?; // float32, or float64 for a float64 model
-    l.f_backward()?;
-    trainer.step();
-    Ok((l.f_double_value(&[])?, accuracy(&pred, &y)?))
-}
-
 /// Trains `net` for `num_epochs` (d2l's `train_ch13`), printing a progress line at each plot
 /// point and d2l's two result lines at the end, then showing the curves (inline in a notebook,
 /// saved to files elsewhere); returns the [`History`]. With several devices the batches are split
@@ -185,8 +165,8 @@ pub fn train_ch13<N: Replicate>(
     net: &N,
     train_iter: &DataLoader,
     test_iter: &DataLoader,
-    loss: impl Fn(&Tensor, &Tensor) -> Result<Tensor> + Copy + Send + Sync,
-    trainer: &mut Optimizer,
+    loss: impl Loss,
+    trainer: &mut impl Trainer,
     num_epochs: usize,
     devices: &Devices,
 ) -> Result<History> {
@@ -207,8 +187,8 @@ pub fn train_ch13_with<N: Replicate>(
     net: &N,
     train_iter: &DataLoader,
     test_iter: &DataLoader,
-    loss: impl Fn(&Tensor, &Tensor) -> Result<Tensor> + Copy + Send + Sync,
-    trainer: &mut Optimizer,
+    loss: impl Loss,
+    trainer: &mut impl Trainer,
     num_epochs: usize,
     devices: &Devices,
     opts: &TrainOptions,
@@ -244,7 +224,7 @@ pub fn train_ch13_with<N: Replicate>(
             }
             let (x, y) = batch?;
             timer.start();
-            let (l, acc) = parallel.train_batch(&x, &y, loss, trainer, &opts.step)?;
+            let (l, acc) = train_batch_ch13(&mut parallel, &x, &y, &loss, trainer, &opts.step)?;
             metric.add(&[l, acc, y.size()[0] as f64, y.numel() as f64]);
             timer.stop();
             seen += y.size()[0] as f64;
@@ -299,6 +279,7 @@ pub fn train_ch13_with<N: Replicate>(
         ("num_batches", num_batches.to_string()),
         ("train_examples", train_iter.dataset().len().to_string()),
         ("test_examples", test_iter.dataset().len().to_string()),
+        ("learning_rates", format!("{:?}", trainer.learning_rates())),
         ("bf16", opts.step.bf16.to_string()),
         ("channels_last", opts.step.channels_last.to_string()),
     ] {
@@ -318,6 +299,7 @@ pub fn train_ch13_with<N: Replicate>(
             step_s: timer.sum(),
             ..timing
         },
+        settings: Settings::current(),
     };
     for line in history.result_lines() {
         println!("{line}");
@@ -327,7 +309,12 @@ pub fn train_ch13_with<N: Replicate>(
             .figure
             .clone()
             .unwrap_or_else(|| format!("train_ch13-{run}"));
-        history.animator().show(&name)?;
+        if let Some(png) = history.animator().show(&name)? {
+            // Outside a notebook the run is kept beside its curves, settings included.
+            let text = serde_json::to_string_pretty(&history)
+                .map_err(|e| Error::Invalid(format!("train_ch13: the history: {e}")))?;
+            crate::files::write_atomically(&png.with_extension("json"), text.as_bytes())?;
+        }
     }
     Ok(history)
 }

@@ -4,16 +4,18 @@ mod ch13;
 mod interrupt;
 mod loss;
 mod metrics;
+mod optim;
 mod parallel;
 
 pub use ch13::{
-    evaluate_accuracy_gpu, evaluate_accuracy_with, plot_points, train_batch_ch13, train_ch13,
-    train_ch13_with, History, Point, Timing, TrainOptions,
+    evaluate_accuracy_gpu, evaluate_accuracy_with, plot_points, train_ch13, train_ch13_with,
+    History, Point, Timing, TrainOptions,
 };
 pub use interrupt::{install_ctrl_c_handler, request_stop, stop_requested};
-pub use loss::{cross_entropy, sgd};
+pub use loss::{cross_entropy, CrossEntropyLoss, Loss};
 pub use metrics::{accuracy, Accumulator, Timer};
+pub use optim::{ParamGroup, Trainer, SGD};
 pub use parallel::{
     convert_channels_last, cuda_autocast_kind, set_cuda_autocast_bf16, to_channels_last,
-    with_precision, DataParallel, Replicate, StepOptions,
+    train_batch_ch13, with_precision, DataParallel, Replicate, StepOptions,
 };

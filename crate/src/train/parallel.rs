@@ -2,10 +2,10 @@
 //! channels-last).
 use std::sync::OnceLock;
 
-use tch::nn::{ModuleT, Optimizer, VarStore};
+use tch::nn::{ModuleT, VarStore};
 use tch::{Device, Kind, Tensor};
 
-use super::accuracy;
+use super::{accuracy, Loss, Trainer};
 use crate::error::{Error, Result};
 
 /// A model that can be copied onto another device, so that [`DataParallel`] (and `train_ch13`
@@ -168,7 +168,7 @@ fn forward_backward(
     x: &Tensor,
     y: &Tensor,
     device: Device,
-    loss: &(impl Fn(&Tensor, &Tensor) -> Result<Tensor> + ?Sized),
+    loss: &(impl Loss + ?Sized),
     opts: &StepOptions,
 ) -> Result<(f64, f64)> {
     let x = to_device(x, device, opts)?;
@@ -180,7 +180,7 @@ fn forward_backward(
     )?;
     let (l, pred) = with_precision(opts.bf16, || {
         let pred = net.forward_t(&x, true);
-        let l = loss(&pred, &y)?;
+        let l = loss.loss(&pred, &y)?;
         Ok((l.f_sum(l.kind())?, pred)) // float32, or float64 for a float64 model
     })?;
     l.f_backward()?;
@@ -263,100 +263,86 @@ impl<'a, N: Replicate> DataParallel<'a, N> {
             Ok(())
         })
     }
+}
 
-    /// One training step on `x`, `y` (d2l's `train_batch_ch13` with a `DataParallel` net):
-    /// returns the summed loss and the number of correct predictions over the whole batch.
-    pub fn train_batch<F>(
-        &mut self,
-        x: &Tensor,
-        y: &Tensor,
-        loss: F,
-        trainer: &mut Optimizer,
-        opts: &StepOptions,
-    ) -> Result<(f64, f64)>
-    where
-        F: Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync,
-    {
-        trainer.zero_grad();
-        if self.replicas.is_empty() {
-            let r = forward_backward(self.net, x, y, self.device, &loss, opts)?;
-            trainer.step();
-            return Ok(r);
-        }
-        self.broadcast()?;
-        let n = self.len() as i64;
-        let (xs, ys) = (x.f_chunk(n, 0)?, y.f_chunk(n, 0)?);
-        let used = xs.len(); // torch.chunk gives fewer chunks for a small last batch
-        let (first, rest) = (self.net, &mut self.replicas[..used - 1]);
-        let threaded = self.device.is_cuda() && rest.iter().all(|r| r.device.is_cuda());
-        let mut results = Vec::with_capacity(used);
-        if threaded {
-            // One thread a GPU, as nn.DataParallel's parallel_apply.
-            let loss = &loss;
-            std::thread::scope(|s| -> Result<()> {
-                let handles: Vec<_> = rest
-                    .iter_mut()
-                    .zip(xs[1..].iter().zip(&ys[1..]))
-                    .map(|(r, (xc, yc))| {
-                        let (xc, yc) = (xc.shallow_clone(), yc.shallow_clone());
-                        s.spawn(move || forward_backward(&r.net, &xc, &yc, r.device, loss, opts))
-                    })
-                    .collect();
-                results.push(forward_backward(
-                    first,
-                    &xs[0],
-                    &ys[0],
-                    self.device,
-                    loss,
-                    opts,
-                )?);
-                for h in handles {
-                    results.push(h.join().map_err(|_| {
-                        Error::Invalid("DataParallel: a replica's thread panicked".into())
-                    })??);
-                }
-                Ok(())
-            })?;
-        } else {
-            results.push(forward_backward(
-                first,
-                &xs[0],
-                &ys[0],
-                self.device,
-                &loss,
-                opts,
-            )?);
-            for (r, (xc, yc)) in rest.iter().zip(xs[1..].iter().zip(&ys[1..])) {
-                results.push(forward_backward(&r.net, xc, yc, r.device, &loss, opts)?);
-            }
-        }
-        // Reduce: the gradients of every replica added onto the first device's.
-        tch::no_grad(|| -> Result<()> {
-            for (i, t) in self.tensors.iter().enumerate() {
-                if !t.requires_grad() {
-                    continue;
-                }
-                let mut g = t.grad();
-                for r in rest.iter() {
-                    let rg = r.tensors[i].grad();
-                    if !rg.defined() {
-                        continue;
-                    }
-                    if g.defined() {
-                        let _ = g.f_add_(&rg.f_to_device(self.device)?)?;
-                    }
-                }
+/// One training step (d2l's `train_batch_ch13`, whose `net` is an `nn.DataParallel`): the batch
+/// `x`, `y` split across `net`'s devices, forward, the loss summed (`l.sum().backward()`),
+/// backward, the gradients added onto the first device, one `trainer` step. Returns the summed
+/// loss and the number of correct predictions over the whole batch. `train_ch13` and the
+/// benchmarks take every step through here.
+pub fn train_batch_ch13<N: Replicate>(
+    net: &mut DataParallel<'_, N>,
+    x: &Tensor,
+    y: &Tensor,
+    loss: &(impl Loss + ?Sized),
+    trainer: &mut (impl Trainer + ?Sized),
+    opts: &StepOptions,
+) -> Result<(f64, f64)> {
+    trainer.zero_grad()?;
+    if net.replicas.is_empty() {
+        let r = forward_backward(net.net, x, y, net.device, loss, opts)?;
+        trainer.step()?;
+        return Ok(r);
+    }
+    net.broadcast()?;
+    let n = net.len() as i64;
+    let (xs, ys) = (x.f_chunk(n, 0)?, y.f_chunk(n, 0)?);
+    let used = xs.len(); // torch.chunk gives fewer chunks for a small last batch
+    let (first, device, tensors) = (net.net, net.device, &net.tensors);
+    let rest = &mut net.replicas[..used - 1];
+    let threaded = device.is_cuda() && rest.iter().all(|r| r.device.is_cuda());
+    let mut results = Vec::with_capacity(used);
+    if threaded {
+        // One thread a GPU, as nn.DataParallel's parallel_apply.
+        std::thread::scope(|s| -> Result<()> {
+            let handles: Vec<_> = rest
+                .iter_mut()
+                .zip(xs[1..].iter().zip(&ys[1..]))
+                .map(|(r, (xc, yc))| {
+                    let (xc, yc) = (xc.shallow_clone(), yc.shallow_clone());
+                    s.spawn(move || forward_backward(&r.net, &xc, &yc, r.device, loss, opts))
+                })
+                .collect();
+            results.push(forward_backward(first, &xs[0], &ys[0], device, loss, opts)?);
+            for h in handles {
+                results.push(h.join().map_err(|_| {
+                    Error::Invalid("DataParallel: a replica's thread panicked".into())
+                })??);
             }
             Ok(())
         })?;
-        trainer.step();
-        for r in rest.iter_mut() {
-            for t in &mut r.tensors {
-                t.zero_grad();
+    } else {
+        results.push(forward_backward(first, &xs[0], &ys[0], device, loss, opts)?);
+        for (r, (xc, yc)) in rest.iter().zip(xs[1..].iter().zip(&ys[1..])) {
+            results.push(forward_backward(&r.net, xc, yc, r.device, loss, opts)?);
+        }
+    }
+    // Reduce: the gradients of every replica added onto the first device's.
+    tch::no_grad(|| -> Result<()> {
+        for (i, t) in tensors.iter().enumerate() {
+            if !t.requires_grad() {
+                continue;
+            }
+            let mut g = t.grad();
+            for r in rest.iter() {
+                let rg = r.tensors[i].grad();
+                if !rg.defined() {
+                    continue;
+                }
+                if g.defined() {
+                    let _ = g.f_add_(&rg.f_to_device(device)?)?;
+                }
             }
         }
-        Ok(results
-            .iter()
-            .fold((0.0, 0.0), |(l, a), (rl, ra)| (l + rl, a + ra)))
+        Ok(())
+    })?;
+    trainer.step()?;
+    for r in rest.iter_mut() {
+        for t in &mut r.tensors {
+            t.zero_grad();
+        }
     }
+    Ok(results
+        .iter()
+        .fold((0.0, 0.0), |(l, a), (rl, ra)| (l + rl, a + ra)))
 }
