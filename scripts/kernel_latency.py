@@ -14,9 +14,10 @@ took:
     .d2l/venv/bin/python scripts/kernel_latency.py                 # all three, a table
     .d2l/venv/bin/python scripts/kernel_latency.py --json out.json
     .d2l/venv/bin/python scripts/kernel_latency.py --warm          # one kernel, the cells once
+    .d2l/venv/bin/python scripts/kernel_latency.py --warm --kernels 2   # two at once
 
-`--warm` is what scripts/setup.py runs to compile a kernel's dependencies ahead. Exit status 1
-if a cell fails.
+`--warm` is what scripts/setup.py runs to compile the kernels' dependencies ahead (with
+`--kernels 2`, the build folders of two kernels open at once). Exit status 1 if a cell fails.
 """
 import argparse
 import json
@@ -149,22 +150,42 @@ def measure(timeout):
     return rows, errors
 
 
+def warm(n, timeout):
+    """Starts `n` kernels at once (each takes its own build folder) and runs the first cells in
+    each: seconds each took, and errors."""
+    cells, took, errors, kernels = first_cells(), [], [], []
+
+    def one():
+        try:
+            kern = Kernel(timeout)
+            kernels.append(kern)
+            took.append(sum(cells_row(kern, cells)))
+        except Exception as e:  # reported by the caller
+            errors.append(str(e))
+
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for kern in kernels:
+        kern.close()
+    return sorted(took), errors
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--warm", action="store_true", help="start one kernel and run the first cells once")
+    ap.add_argument("--warm", action="store_true", help="start kernels and run the first cells once")
+    ap.add_argument("--kernels", type=int, default=1, help="with --warm: how many at once (default 1)")
     ap.add_argument("--timeout", type=int, default=1200, help="seconds a cell may take (default 1200)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
 
     if args.warm:
-        k = Kernel(args.timeout)
-        try:
-            took = sum(cells_row(k, first_cells()))
-        except CellFailed as e:
-            sys.exit(f"kernel_latency: {e}")
-        finally:
-            k.close()
-        print(f"kernel {KERNEL}: first cells ready in {took:.1f} s")
+        took, errors = warm(args.kernels, args.timeout)
+        if errors:
+            sys.exit(f"kernel_latency: {'; '.join(errors)}")
+        print(f"kernel {KERNEL}: first cells ready in " + ", ".join(f"{t:.1f} s" for t in took))
         return
 
     rows, errors = measure(args.timeout)

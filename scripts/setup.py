@@ -313,23 +313,33 @@ def kernel_builds(home):
 
 
 def warm_kernel(venv, home):
-    """Compiles the kernel's dependencies ahead, so that a new kernel's first `:dep` cell takes
-    seconds, not minutes: starts the kernel as Jupyter does and runs the chapter's first cells
-    (in `kernel-0`; after a change to the crate only `d2l` is rebuilt), then copies that build
-    folder to `kernel-1` if it has none, for a second kernel open at the same time."""
+    """Compiles the kernels' dependencies ahead, so that a new kernel's first `:dep` cell takes
+    seconds, not minutes: starts kernels as Jupyter does and runs the chapter's first cells in
+    them. The first time, `kernel-0` alone (minutes), then a copy of it for `kernel-1`; after
+    that two kernels at once, so that both build folders follow the crate (after a change only
+    `d2l` is rebuilt) and a second notebook open at the same time starts as fast."""
     builds = kernel_builds(home)
     # Build folders of an earlier layout (one per notebook name, before the launcher's slots).
     for old in builds.glob("*"):
         if not re.fullmatch(r"kernel-\d+(\.lock)?|\..*", old.name):
             say(f"removing {old} (an earlier layout's build folder)")
             shutil.rmtree(old) if old.is_dir() else old.unlink()
-    say("compiling the kernel's dependencies ahead (minutes the first time, seconds after)")
-    run([venv_python(venv), ROOT / "scripts" / "kernel_latency.py", "--warm"])
+    warm = [venv_python(venv), ROOT / "scripts" / "kernel_latency.py", "--warm"]
     first, second = builds / "kernel-0", builds / "kernel-1"
-    if (second / "target").exists() or not (first / "target").exists():
-        return
+    if not (first / "target").exists():
+        say("compiling the kernel's dependencies ahead (minutes, once)")
+        run(warm)
+    if not (second / "target").exists():
+        seed(builds, first, second)
+    say("checking the kernels' build folders (seconds; after a change to the crate, a minute)")
+    run(warm + ["--kernels", "2"])
+
+
+def seed(builds, first, second):
+    """Copies the build folder `first` to `second`, under both folders' locks (no kernel starts
+    in either meanwhile)."""
     sys.path.insert(0, str(ROOT / "scripts"))
-    import kernel_launch  # the launcher's own locks, so no kernel starts in either meanwhile
+    import kernel_launch
 
     locks = [kernel_launch.try_lock(builds, i) for i in (0, 1)]
     try:
