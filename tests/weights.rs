@@ -55,6 +55,19 @@ fn weights_download_once_into_torch_home_checked_by_the_hash_in_their_name() {
         .path()
         .join("hub/checkpoints/tiny-f37072fd.pth")
         .exists());
+
+    // An empty D2L_WEIGHTS_URL is no mirror: torchvision's own address, for the download and
+    // for the settings' probe alike (both ask weights_url).
+    std::env::set_var("D2L_WEIGHTS_URL", "");
+    assert_eq!(
+        d2l::model::weights_url("x.pth"),
+        format!("{}x.pth", d2l::model::WEIGHTS_URL)
+    );
+    std::env::set_var("D2L_WEIGHTS_URL", format!("{}//", server.base));
+    assert_eq!(
+        d2l::model::weights_url("x.pth"),
+        format!("{}x.pth", server.base)
+    );
 }
 
 #[test]

@@ -15,7 +15,7 @@ use crate::data::synthetic::{HotdogConfig, SourceConfig};
 use crate::data::{data_dir, mirrored, DATA_HUB};
 use crate::device::try_all_gpus;
 use crate::error::{Error, Result};
-use crate::model::{torch_home, SourceModelConfig, RESNET18_IMAGENET1K_V1, WEIGHTS_URL};
+use crate::model::{torch_home, weights_url, SourceModelConfig, RESNET18_IMAGENET1K_V1};
 use crate::offline::StandIn;
 
 /// The chapter's settings; `Default` is the book's. Saved with every `train_ch13` run
@@ -250,14 +250,8 @@ fn book_files_reachable() -> (bool, bool) {
         .join("hub/checkpoints")
         .join(RESNET18_IMAGENET1K_V1)
         .is_file()
-        || reachable(&weights_url());
+        || reachable(&weights_url(RESNET18_IMAGENET1K_V1));
     (data, weights)
-}
-
-/// Where `weights_file` fetches the ImageNet weights from.
-fn weights_url() -> String {
-    let base = std::env::var("D2L_WEIGHTS_URL").unwrap_or_else(|_| WEIGHTS_URL.to_owned());
-    format!("{}/{RESNET18_IMAGENET1K_V1}", base.trim_end_matches('/'))
 }
 
 /// Whether `url` answers a HEAD request within a few seconds.

@@ -18,8 +18,8 @@ pub use pth::read_pth;
 pub use resnet::{linear, resnet18, Linear, ResNet};
 pub use source::{pretrain_source_model, SourceModel, SourceModelConfig};
 pub use weights::{
-    read_weights, resnet18_from, resnet18_pretrained, torch_home, weights_file, xavier_uniform_,
-    RESNET18_IMAGENET1K_V1, WEIGHTS_URL,
+    read_weights, resnet18_from, resnet18_pretrained, torch_home, weights_file, weights_url,
+    xavier_uniform_, RESNET18_IMAGENET1K_V1, WEIGHTS_URL,
 };
 
 use crate::error::{Error, Result};

@@ -41,10 +41,22 @@ pub fn weights_file(file_name: &str) -> Result<PathBuf> {
         .and_then(|(_, rest)| rest.split('.').next())
         .filter(|h| !h.is_empty() && h.chars().all(|c| c.is_ascii_hexdigit()))
         .unwrap_or_default();
-    let base = std::env::var("D2L_WEIGHTS_URL").unwrap_or_else(|_| WEIGHTS_URL.to_owned());
-    let url = format!("{}/{file_name}", base.trim_end_matches('/'));
-    fetch(&url, &path, &Checksum::Sha256Prefix(prefix.to_owned()))?;
+    fetch(
+        &weights_url(file_name),
+        &path,
+        &Checksum::Sha256Prefix(prefix.to_owned()),
+    )?;
     Ok(path)
+}
+
+/// Where [`weights_file`] fetches `file_name` from: the mirror in `D2L_WEIGHTS_URL` when it is
+/// set and not empty, else torchvision's [`WEIGHTS_URL`].
+pub fn weights_url(file_name: &str) -> String {
+    let base = std::env::var("D2L_WEIGHTS_URL")
+        .ok()
+        .filter(|b| !b.trim().is_empty())
+        .unwrap_or_else(|| WEIGHTS_URL.to_owned());
+    format!("{}/{file_name}", base.trim_end_matches('/'))
 }
 
 /// ResNet-18 with its pre-trained weights, like
