@@ -161,3 +161,46 @@ fn folders_without_classes_or_images_are_clear_errors() {
         .to_string();
     assert!(err.contains("missing"), "{err}");
 }
+
+/// A one-row 16-bit PNG of `values` in `channels` channels (alpha, where there is one, full).
+fn png16(values: &[u16], channels: u8) -> Vec<u8> {
+    use image::{ImageBuffer, Luma, LumaA, Rgb, Rgba};
+    let w = values.len() as u32;
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    let fmt = image::ImageFormat::Png;
+    match channels {
+        1 => ImageBuffer::<Luma<u16>, _>::from_fn(w, 1, |x, _| Luma([values[x as usize]]))
+            .write_to(&mut bytes, fmt),
+        2 => ImageBuffer::<LumaA<u16>, _>::from_fn(w, 1, |x, _| LumaA([values[x as usize], 65535]))
+            .write_to(&mut bytes, fmt),
+        3 => ImageBuffer::<Rgb<u16>, _>::from_fn(w, 1, |x, _| Rgb([values[x as usize]; 3]))
+            .write_to(&mut bytes, fmt),
+        _ => ImageBuffer::<Rgba<u16>, _>::from_fn(w, 1, |x, _| {
+            let v = values[x as usize];
+            Rgba([v, v, v, 65535])
+        })
+        .write_to(&mut bytes, fmt),
+    }
+    .unwrap();
+    bytes.into_inner()
+}
+
+#[test]
+fn sixteen_bit_pngs_decode_to_what_pil_gives_torchvision() {
+    // What Pillow 13.0.0's Image.open(png).convert('RGB') gives for these 16-bit values,
+    // measured: grayscale clips at 255, the other colour types keep the high byte.
+    let values = [0u16, 255, 256, 1000, 30000, 65535];
+    let want_gray = [0u8, 255, 255, 255, 255, 255];
+    let want_high = [0u8, 0, 1, 3, 117, 255];
+    for (channels, want) in [
+        (1, want_gray),
+        (2, want_high),
+        (3, want_high),
+        (4, want_high),
+    ] {
+        let img = d2l::data::decode_rgb(&png16(&values, channels)).unwrap();
+        let got: Vec<[u8; 3]> = img.pixels().map(|p| p.0).collect();
+        let want: Vec<[u8; 3]> = want.iter().map(|&v| [v; 3]).collect();
+        assert_eq!(got, want, "{channels} channels");
+    }
+}

@@ -189,10 +189,29 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage> {
     })
 }
 
-/// Decodes image bytes of any supported format (detected from the content) to RGB.
+/// Decodes image bytes of any supported format (detected from the content) to RGB, as
+/// torchvision's loader (PIL's `Image.open(f).convert('RGB')`) does, so that both sides see the
+/// same pixels. That matters for 16-bit images, where PIL (Pillow 13, measured) keeps the high
+/// byte of RGB, RGBA and gray+alpha (`v >> 8`: 30000 -> 117, 1000 -> 3), and clips plain 16-bit
+/// grayscale at 255 (30000 -> 255: such a photo turns mostly white in PyTorch too; convert it
+/// to 8 bits before training). Alpha is dropped, not blended, as PIL's `convert('RGB')` does.
 pub fn decode_rgb(bytes: &[u8]) -> std::result::Result<RgbImage, image::ImageError> {
+    use image::DynamicImage as D;
     let format = image::guess_format(bytes)?;
-    Ok(image::load_from_memory_with_format(bytes, format)?.into_rgb8())
+    let img = image::load_from_memory_with_format(bytes, format)?;
+    let (w, h) = (img.width(), img.height());
+    let rgb = |f: &dyn Fn(u32, u32) -> [u8; 3]| RgbImage::from_fn(w, h, |x, y| image::Rgb(f(x, y)));
+    let high = |v: u16| (v >> 8) as u8;
+    Ok(match &img {
+        D::ImageLuma16(g) => rgb(&|x, y| [g.get_pixel(x, y).0[0].min(255) as u8; 3]),
+        D::ImageLumaA16(g) => rgb(&|x, y| [high(g.get_pixel(x, y).0[0]); 3]),
+        D::ImageRgb16(c) => rgb(&|x, y| c.get_pixel(x, y).0.map(high)),
+        D::ImageRgba16(c) => rgb(&|x, y| {
+            let [r, g, b, _] = c.get_pixel(x, y).0;
+            [high(r), high(g), high(b)]
+        }),
+        _ => img.into_rgb8(),
+    })
 }
 
 fn read_dir(dir: &Path) -> Result<Vec<PathBuf>> {
