@@ -121,7 +121,10 @@ fn main() -> std::process::ExitCode {
 
 fn run() -> d2l::Result<()> {
     let start = Instant::now();
-    let a = parse().map_err(d2l::Error::Invalid)?;
+    let a = parse().map_err(|msg| d2l::Error::InvalidArgument {
+        function: "bench_train",
+        msg,
+    })?;
     d2l::tch::manual_seed(0);
     if a.threads > 0 {
         d2l::tch::set_num_threads(a.threads as i32);
@@ -179,10 +182,10 @@ fn run() -> d2l::Result<()> {
             })
         }
         "e2e" => {
-            let data = a
-                .data
-                .clone()
-                .ok_or_else(|| d2l::Error::Invalid("e2e needs DATA_DIR".into()))?;
+            let data = a.data.clone().ok_or_else(|| d2l::Error::InvalidArgument {
+                function: "bench_train",
+                msg: "e2e needs DATA_DIR".into(),
+            })?;
             let data = std::path::Path::new(&data);
             let normalize = Normalize::imagenet();
             let train_augs = Compose::new()
@@ -246,9 +249,10 @@ fn run() -> d2l::Result<()> {
             })
         }
         other => {
-            return Err(d2l::Error::Invalid(format!(
-                "mode: e2e or step, not {other}"
-            )))
+            return Err(d2l::Error::InvalidArgument {
+                function: "bench_train",
+                msg: format!("mode: e2e or step, not {other}"),
+            })
         }
     };
     println!("{json}");

@@ -5,7 +5,8 @@ libtorch chooses its kernels by what the CPU can do: ATen's vectorised kernels b
 ATEN_CPU_CAPABILITY (default, avx2, avx512) and oneDNN's convolutions by ONEDNN_MAX_CPU_ISA
 (SSE41, AVX2, ...). Both variables cap the choice, so one machine can run the tests the way an
 older or a different CPU would, with other summation orders. This runs `cargo test --workspace`
-once with nothing set and once under each setting (avx512 only where the CPU has it; both at
+once with nothing set and once under each setting (leaving out the binaries in KERNEL_FREE,
+which test archives, downloads and processes, not numbers) (avx512 only where the CPU has it; both at
 their lowest, as on an old CPU), and prints a table: setting, what libtorch says it picked, tests
 passed and failed, the failures, the time. scripts/test runs it.
 
@@ -34,6 +35,10 @@ SETTINGS = [
     "ONEDNN_MAX_CPU_ISA=AVX2",
     "ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41",  # an old CPU: both at their lowest
 ]
+# Test binaries whose results cannot depend on libtorch's kernels (archives, downloads, caches,
+# processes and faults): the first row runs them, the other rows leave them out.
+KERNEL_FREE = {"archive_bombs", "cache_concurrency", "cache_faults", "download", "download_hub"}
+
 # What ATen needs of the CPU for its avx512 kernels (aten/src/ATen/native/DispatchStub.cpp).
 AVX512_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq"}
 
@@ -83,8 +88,8 @@ def picked(torch_py, env):
     return f"aten {aten.group(1).lower()}, oneDNN {isa}"
 
 
-def run_tests(env, tests, log):
-    cmd = ["cargo", "test", "--workspace", "--no-fail-fast"]
+def run_tests(env, tests, log, lib=False):
+    cmd = ["cargo", "test", "--workspace", "--no-fail-fast"] + (["--lib"] if lib else [])
     for t in tests:
         cmd += ["--test", t]
     start = time.perf_counter()
@@ -122,7 +127,8 @@ def main():
     logs = ROOT / "target" / "test-kernels"
     logs.mkdir(parents=True, exist_ok=True)
     rows, bad = [], 0
-    for setting in settings:
+    kernel_tests = sorted(p.stem for p in (ROOT / "tests").glob("*.rs") if p.stem not in KERNEL_FREE)
+    for row, setting in enumerate(settings):
         if "ATEN_CPU_CAPABILITY=avx512" in setting and not AVX512_FLAGS <= flags:
             rows.append((setting, "not on this CPU", "-", "-", "skipped", "-"))
             continue
@@ -130,7 +136,9 @@ def main():
         name = setting or "(nothing set)"
         print(f"test_kernels: {name} ...", file=sys.stderr, flush=True)
         log = logs / (re.sub(r"\W+", "_", setting or "unset") + ".log")
-        passed, failed, wall = run_tests(env, args.test, log)
+        # The first row runs everything; the others, the tests whose numbers libtorch computes.
+        tests = args.test or ([] if row == 0 else kernel_tests)
+        passed, failed, wall = run_tests(env, tests, log, lib=not args.test and row > 0)
         bad += bool(failed)
         rows.append((name, picked(torch_py, env), str(passed), str(len(failed)),
                      "; ".join(failed) or "-", f"{wall:.0f} s"))

@@ -1,23 +1,16 @@
 //! The offline source model: trained for real on the synthetic food set, cached by config, and
 //! usable as the fine-tuning model's body.
-use d2l::data::synthetic::SourceConfig;
+mod common;
+
 use d2l::model::{pretrain_source_model, resnet18_from, SourceModelConfig};
 use d2l::tch::nn::VarStore;
 use d2l::tch::Device;
 
+/// The cache tests' tiny source model, trained one epoch here.
 fn tiny() -> SourceModelConfig {
     SourceModelConfig {
-        data: SourceConfig {
-            train_per_class: 3,
-            test_per_class: 1,
-            min_side: 24,
-            max_side: 40,
-            seed: 1,
-        },
-        image_size: 32,
         epochs: 1,
-        batch_size: 8,
-        ..Default::default()
+        ..common::tiny_source()
     }
 }
 

@@ -44,9 +44,69 @@ pub enum Error {
     /// Training was stopped by Ctrl-C (or `d2l::train::request_stop`) between two steps.
     #[error("interrupted at epoch {epoch}, batch {batch}: the model holds the weights of the last finished step; nothing half-written was kept")]
     Interrupted { epoch: usize, batch: usize },
-    /// A value is outside what the function accepts; the message says what to pass instead.
-    #[error("{0}")]
-    Invalid(String),
+    /// The disk (or a quota, or a file-size limit) is full while writing `path`; the partial
+    /// file was removed.
+    #[error("{}: {source}: the disk is full; free space there (or point D2L_DATA_DIR, D2L_HOME or TORCH_HOME at a larger disk) and retry; nothing partial was kept", path.display())]
+    DiskFull {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Checked before writing: what is to be written needs more room than the disk has.
+    #[error("{}: needs {needed} bytes but only {available} are free there; free space (or point D2L_DATA_DIR, D2L_HOME or TORCH_HOME at a larger disk) and retry; nothing was kept", path.display())]
+    NoSpace {
+        path: PathBuf,
+        needed: u64,
+        available: u64,
+    },
+    /// An archive goes past a bound on extraction (an archive bomb, or a genuinely huge
+    /// archive); nothing of it was kept.
+    #[error("{}: refusing to extract{}: {what}; nothing was kept{}", archive.display(), entry.as_ref().map(|e| format!(" {e:?}")).unwrap_or_default(), setting.map(|s| format!(" (if the archive is genuine, set {s} higher)")).unwrap_or_default())]
+    ExtractLimit {
+        archive: PathBuf,
+        /// The entry where the bound was crossed, if one.
+        entry: Option<String>,
+        /// Which bound and by how much.
+        what: String,
+        /// The environment variable that raises the bound, where raising it can help.
+        setting: Option<&'static str>,
+    },
+    /// A file is not an archive this crate extracts (zip, tar.gz, tgz).
+    #[error("{}: only zip and tar.gz archives can be extracted", path.display())]
+    UnsupportedArchive { path: PathBuf },
+    /// `download`/`download_extract` of a name that `DATA_HUB` does not have.
+    #[error("{name:?} is not in DATA_HUB (it has {known:?}): add it with d2l::DATA_HUB.insert(name, url, sha1)")]
+    UnknownDataset { name: String, known: Vec<String> },
+    /// A settings profile that does not exist.
+    #[error("unknown settings {name:?}: use book, offline or ci (D2L_PROFILE)")]
+    UnknownProfile { name: String },
+    /// An index past the end of a data set.
+    #[error("index {index} is out of range for {len} images")]
+    IndexOutOfRange { index: i64, len: usize },
+    /// Data that could not be written or read as JSON.
+    #[error("{what}: {source}")]
+    Json {
+        /// The file or value.
+        what: String,
+        source: serde_json::Error,
+    },
+    /// A worker thread panicked; the message names the work.
+    #[error("{what}: a worker thread panicked")]
+    Panicked { what: String },
+    /// A data loader's workers could not deliver a batch.
+    #[error("DataLoader: batch {batch}: {msg}")]
+    Loader { batch: usize, msg: String },
+    /// The operating system refused a request that has no file (a signal handler).
+    #[error("{what}: {source}")]
+    Os {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    /// This libtorch or machine cannot do what was asked.
+    #[error("{what}")]
+    Unsupported { what: String },
+    /// An argument is outside what the function accepts; the message says what to pass instead.
+    #[error("{function}: {msg}")]
+    InvalidArgument { function: &'static str, msg: String },
 }
 
 /// `Result` with the crate's [`Error`].
@@ -62,13 +122,40 @@ impl Error {
         }
     }
 
-    /// Wraps an I/O error with the path it happened on.
+    /// Wraps an I/O error with the path it happened on: a full disk, quota or file-size limit
+    /// becomes [`Error::DiskFull`].
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.into(),
+        let path = path.into();
+        if is_disk_full(&source) {
+            Error::DiskFull { path, source }
+        } else {
+            Error::Io { path, source }
+        }
+    }
+
+    /// An argument error of `function`.
+    pub(crate) fn arg(function: &'static str, msg: impl Into<String>) -> Self {
+        Error::InvalidArgument {
+            function,
+            msg: msg.into(),
+        }
+    }
+
+    /// A JSON error about `what` (a file or a value).
+    pub(crate) fn json(what: impl std::fmt::Display, source: serde_json::Error) -> Self {
+        Error::Json {
+            what: what.to_string(),
             source,
         }
     }
+}
+
+/// Whether an I/O error says the disk, a quota or the file-size limit is full.
+pub(crate) fn is_disk_full(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG)
+    )
 }
 
 /// Ends a command-line program: `Ok` is success; an error is printed on stderr as `error: ...`
@@ -104,7 +191,7 @@ mod tests {
     fn a_stop_by_ctrl_c_exits_with_130_and_other_errors_with_1() {
         let stop = Error::Interrupted { epoch: 1, batch: 2 };
         assert_eq!(stop.exit_status(), 130);
-        assert_eq!(Error::Invalid("x".into()).exit_status(), 1);
+        assert_eq!(Error::arg("f", "x").exit_status(), 1);
         assert_eq!(exit_code(Err(stop)), std::process::ExitCode::from(130));
         assert_eq!(exit_code(Ok(())), std::process::ExitCode::SUCCESS);
     }

@@ -20,7 +20,7 @@ pub mod data;
 mod device;
 mod display;
 mod error;
-mod files;
+pub mod files;
 pub mod model;
 pub mod offline;
 mod settings;

@@ -39,8 +39,7 @@ fn cache() -> PathBuf {
 /// A short key for a configuration (FNV-1a of its JSON), so that each configuration gets a
 /// folder of its own and switching between them remakes nothing.
 pub(crate) fn config_key(config: &impl Serialize) -> Result<String> {
-    let text = serde_json::to_string(config)
-        .map_err(|e| Error::Invalid(format!("cannot key a configuration: {e}")))?;
+    let text = serde_json::to_string(config).map_err(|e| Error::json("a configuration key", e))?;
     let key = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
     });

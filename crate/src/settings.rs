@@ -6,7 +6,6 @@
 //! **offline**: the same code on a generated hotdog-like set and a ResNet-18 pre-trained here
 //! ([`crate::offline`]), at sizes a CPU finishes in minutes. **ci**: the offline path at toy sizes.
 use std::fmt;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -149,9 +148,9 @@ impl Settings {
             "offline" => Settings::offline(),
             "ci" => Settings::ci(),
             other => {
-                return Err(Error::Invalid(format!(
-                    "unknown settings {other:?}: use book, offline or ci (D2L_PROFILE)"
-                )))
+                return Err(Error::UnknownProfile {
+                    name: other.to_owned(),
+                })
             }
         };
         Ok(Settings { why, ..s })
@@ -162,12 +161,10 @@ impl Settings {
     /// offline stand-in when they cannot. Put in force ([`Settings::install`]). Call it once, at
     /// the top: later cells ask the settings, not the network.
     pub fn auto() -> Result<Settings> {
-        if let Ok(name) = std::env::var("D2L_PROFILE") {
-            if !name.trim().is_empty() {
-                let s = Settings::by_name(&name, format!("D2L_PROFILE={name}"))?;
-                s.install();
-                return Ok(s);
-            }
+        if let Some(name) = crate::files::env_nonempty("D2L_PROFILE") {
+            let s = Settings::by_name(&name, format!("D2L_PROFILE={name}"))?;
+            s.install();
+            return Ok(s);
         }
         let (data, weights) = book_files_reachable();
         let why = match (data, weights) {
@@ -227,18 +224,7 @@ impl Settings {
     }
 }
 
-/// The project's cache (`D2L_HOME`, else `~/.cache/d2l-rs`): the stand-in's generated data and
-/// source models live under `chapter/` there, keyed by their configuration.
-pub fn d2l_home() -> PathBuf {
-    if let Some(home) = std::env::var_os("D2L_HOME") {
-        return PathBuf::from(home);
-    }
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(std::env::temp_dir);
-    base.join("d2l-rs")
-}
+pub use crate::files::d2l_home;
 
 /// Whether `hotdog.zip` and the ImageNet weights are on disk, or else answer a request.
 fn book_files_reachable() -> (bool, bool) {

@@ -1,6 +1,7 @@
 //! d2l's `DATA_HUB`, `download` and `download_extract`, made safe: every file is checked after it
-//! is fetched, written under a temporary name and renamed only when good, and archives are
-//! extracted once, refusing entries that would land outside the target folder.
+//! is fetched, written under a temporary name and renamed only when good; archives are extracted
+//! once, refusing entries that would land outside the target folder and archive bombs
+//! ([`ExtractLimits`]). Processes sharing the data folder take turns ([`crate::files`]).
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
@@ -12,15 +13,13 @@ use sha1::{Digest, Sha1};
 use sha2::Sha256;
 
 use crate::error::{Error, Result};
+use crate::files::{available_bytes, env_nonempty, lock, write_atomically, AtomicDir, AtomicFile};
 
 /// Where the book's data sets live (d2l's `DATA_URL`). `D2L_DATA_URL` replaces it (a mirror).
 pub const DATA_URL: &str = "http://d2l-data.s3-accelerate.amazonaws.com/";
 
 /// The chapter's data set: `DATA_HUB["hotdog"]`.
 const HOTDOG_SHA1: &str = "fba480ffa8aa7e0febbb511d181409f899b9baa5";
-
-/// Most bytes an archive may expand to (`D2L_MAX_EXTRACT_BYTES` changes it).
-const MAX_EXTRACT_BYTES: u64 = 16 << 30;
 
 /// d2l's `DATA_HUB`: data set name -> (URL, SHA-1 of the file). Users add to it like d2l's dict:
 ///
@@ -65,17 +64,13 @@ fn builtin_hub() -> BTreeMap<String, (String, String)> {
     BTreeMap::from([("hotdog".to_owned(), (url, HOTDOG_SHA1.to_owned()))])
 }
 
-/// The data cache: `D2L_DATA_DIR`, else `../data` as in the book.
-pub fn data_dir() -> PathBuf {
-    std::env::var_os("D2L_DATA_DIR").map_or_else(|| PathBuf::from("../data"), PathBuf::from)
-}
+pub use crate::files::data_dir;
 
-/// `url` with [`DATA_URL`] replaced by the mirror in `D2L_DATA_URL`, if one is set.
+/// `url` with [`DATA_URL`] replaced by the mirror in `D2L_DATA_URL`, if one is set (an empty
+/// value is none).
 pub fn mirrored(url: &str) -> String {
-    match (std::env::var("D2L_DATA_URL"), url.strip_prefix(DATA_URL)) {
-        (Ok(mirror), Some(rest)) if !mirror.is_empty() => {
-            format!("{}/{rest}", mirror.trim_end_matches('/'))
-        }
+    match (env_nonempty("D2L_DATA_URL"), url.strip_prefix(DATA_URL)) {
+        (Some(mirror), Some(rest)) => format!("{}/{rest}", mirror.trim_end_matches('/')),
         _ => url.to_owned(),
     }
 }
@@ -169,11 +164,9 @@ pub fn download(name: &str) -> Result<PathBuf> {
 
 /// [`download`], also giving the SHA-1 the file was checked against.
 fn download_checked(name: &str) -> Result<(PathBuf, String)> {
-    let (url, sha1) = DATA_HUB.get(name).ok_or_else(|| {
-        Error::Invalid(format!(
-            "{name:?} is not in DATA_HUB (it has {:?}): add it with d2l::DATA_HUB.insert(name, url, sha1)",
-            DATA_HUB.names()
-        ))
+    let (url, sha1) = DATA_HUB.get(name).ok_or_else(|| Error::UnknownDataset {
+        name: name.to_owned(),
+        known: DATA_HUB.names(),
     })?;
     let file_name = url
         .rsplit('/')
@@ -188,30 +181,19 @@ fn download_checked(name: &str) -> Result<(PathBuf, String)> {
 /// Makes `path` hold the file at `url` with the given checksum. A file already there that
 /// matches is kept; otherwise the body goes to a temporary file in the same folder, is checked,
 /// and is renamed into place only if it matches: a cut or corrupt download is never taken for a
-/// good file, and nothing is left behind on failure.
+/// good file, and nothing is left behind on failure. Processes fetching the same path take
+/// turns ([`crate::files::lock`]): one downloads, the others then find the file.
 pub fn fetch(url: &str, path: &Path, checksum: &Checksum) -> Result<()> {
     if path.is_file() && checksum.matches(&digest_file(path)?) {
         return Ok(());
     }
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let _lock = lock(path)?;
+    if path.is_file() && checksum.matches(&digest_file(path)?) {
+        return Ok(());
+    }
     println!("Downloading {} from {url}...", path.display());
-
-    let mut tmp = tempfile::Builder::new()
-        .prefix(&format!(
-            ".{}.",
-            path.file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or("download")
-        ))
-        .suffix(".part")
-        .tempfile_in(dir)
-        .map_err(|e| Error::io(dir, e))?;
-    let tmp_path = tmp.path().to_owned();
-    let digest = http_get_to(url, tmp.as_file_mut(), &tmp_path)?;
+    let mut tmp = AtomicFile::create(path)?;
+    let digest = http_get_to(url, tmp.file(), path)?;
     if !checksum.matches(&digest) {
         return Err(Error::Checksum {
             url: url.to_owned(),
@@ -219,10 +201,7 @@ pub fn fetch(url: &str, path: &Path, checksum: &Checksum) -> Result<()> {
             actual: checksum.actual(&digest),
         });
     }
-    tmp.as_file()
-        .sync_all()
-        .map_err(|e| Error::io(tmp.path(), e))?;
-    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    tmp.commit()?;
     Ok(())
 }
 
@@ -328,17 +307,123 @@ pub fn download_extract(name: &str) -> Result<PathBuf> {
         return stand_in;
     }
     let (archive, sha1) = download_checked(name)?;
-    extract_known(&archive, sha1)
+    extract_known(&archive, sha1, ExtractLimits::from_env()?)
 }
 
 /// Extracts `archive` (`.zip`, `.tar.gz` or `.tgz`) into its own folder, once; returns the folder
-/// named like the archive (`hotdog.zip` -> `hotdog`).
+/// named like the archive (`hotdog.zip` -> `hotdog`). The [`ExtractLimits`] in force (from the
+/// environment) bound what it may write.
 pub fn extract(archive: &Path) -> Result<PathBuf> {
-    extract_known(archive, digest_file(archive)?.sha1)
+    extract_known(
+        archive,
+        digest_file(archive)?.sha1,
+        ExtractLimits::from_env()?,
+    )
+}
+
+/// [`extract`] with the given bounds in place of the environment's.
+pub fn extract_with(archive: &Path, limits: ExtractLimits) -> Result<PathBuf> {
+    extract_known(archive, digest_file(archive)?.sha1, limits)
+}
+
+/// Bounds on what extracting an archive may write, so that an archive bomb is refused before it
+/// fills the disk. Each has an environment variable; a genuinely larger archive needs it raised.
+///
+/// - `max_bytes` (`D2L_MAX_EXTRACT_BYTES`, default 4 GiB; `64MiB`, `2GiB` and plain bytes are
+///   understood): all entries together.
+/// - `max_ratio` (`D2L_MAX_EXTRACT_RATIO`, default 100, as Apache POI's `ZipSecureFile`): how
+///   many times its compressed size an entry of a zip may expand to (entries above 1 MiB), and
+///   the whole archive (above 64 MiB in all). JPEGs barely compress: `hotdog.zip` is about 1x.
+/// - `max_files` (`D2L_MAX_EXTRACT_FILES`, default 1,000,000): entries, files and folders.
+///
+/// Besides: a zip entry that holds more bytes than its header declares is refused (a bomb's
+/// trick to slip past checks of the declared sizes), the disk must have room for what the
+/// archive declares before anything is written, and archives inside the archive are written as
+/// files, never extracted in turn.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ExtractLimits {
+    pub max_bytes: u64,
+    pub max_ratio: f64,
+    pub max_files: u64,
+}
+
+impl Default for ExtractLimits {
+    fn default() -> Self {
+        ExtractLimits {
+            max_bytes: 4 << 30,
+            max_ratio: 100.0,
+            max_files: 1_000_000,
+        }
+    }
+}
+
+/// Entries up to this size are not held to the ratio (a small file of zeros compresses well).
+const ENTRY_RATIO_GRACE: u64 = 1 << 20;
+/// Archives expanding to at most this much in all are not held to the ratio.
+const TOTAL_RATIO_GRACE: u64 = 64 << 20;
+/// What a file or folder costs on disk at least (one block), for the free-space check.
+const BLOCK: u64 = 4096;
+
+impl ExtractLimits {
+    /// The defaults, with `D2L_MAX_EXTRACT_BYTES`, `D2L_MAX_EXTRACT_RATIO` and
+    /// `D2L_MAX_EXTRACT_FILES` applied; a value that does not parse is an error naming it.
+    pub fn from_env() -> Result<Self> {
+        let mut limits = ExtractLimits::default();
+        if let Some(v) = env_nonempty("D2L_MAX_EXTRACT_BYTES") {
+            limits.max_bytes = parse_bytes(&v).ok_or_else(|| {
+                Error::arg(
+                    "D2L_MAX_EXTRACT_BYTES",
+                    format!("{v:?} is not a size: give bytes, or a number with KiB, MiB or GiB"),
+                )
+            })?;
+        }
+        if let Some(v) = env_nonempty("D2L_MAX_EXTRACT_RATIO") {
+            limits.max_ratio = v
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|r| r.is_finite() && *r >= 1.0)
+                .ok_or_else(|| {
+                    Error::arg(
+                        "D2L_MAX_EXTRACT_RATIO",
+                        format!("{v:?} is not a ratio: give a number of at least 1, such as 100"),
+                    )
+                })?;
+        }
+        if let Some(v) = env_nonempty("D2L_MAX_EXTRACT_FILES") {
+            limits.max_files = v.trim().parse().map_err(|_| {
+                Error::arg(
+                    "D2L_MAX_EXTRACT_FILES",
+                    format!("{v:?} is not a count of entries"),
+                )
+            })?;
+        }
+        Ok(limits)
+    }
+}
+
+/// `1234`, `64MiB`, `2 GiB`, `10k`, `1.5G` -> bytes (K, M, G are binary, as `ls -h` reads).
+fn parse_bytes(v: &str) -> Option<u64> {
+    let v = v.trim();
+    let split = v
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(v.len());
+    let (num, unit) = v.split_at(split);
+    let num: f64 = num.parse().ok()?;
+    let scale = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1u64,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        _ => return None,
+    };
+    let bytes = num * scale as f64;
+    (bytes.is_finite() && bytes >= 0.0).then_some(bytes as u64)
 }
 
 /// [`extract`] of an archive whose SHA-1 is already known (hashing a large archive takes time).
-fn extract_known(archive: &Path, sha1: String) -> Result<PathBuf> {
+fn extract_known(archive: &Path, sha1: String, limits: ExtractLimits) -> Result<PathBuf> {
     let name = archive
         .file_name()
         .and_then(|n| n.to_str())
@@ -351,10 +436,9 @@ fn extract_known(archive: &Path, sha1: String) -> Result<PathBuf> {
     {
         (stem, ArchiveKind::TarGz)
     } else {
-        return Err(Error::Invalid(format!(
-            "{}: only zip and tar.gz archives can be extracted",
-            archive.display()
-        )));
+        return Err(Error::UnsupportedArchive {
+            path: archive.to_owned(),
+        });
     };
     let base = archive
         .parent()
@@ -362,47 +446,45 @@ fn extract_known(archive: &Path, sha1: String) -> Result<PathBuf> {
         .unwrap_or(Path::new("."));
     let target = base.join(stem);
     let marker = base.join(format!("{name}.extracted"));
-    if target.is_dir() && fs::read_to_string(&marker).is_ok_and(|m| m.trim() == sha1) {
+    let done = || target.is_dir() && fs::read_to_string(&marker).is_ok_and(|m| m.trim() == sha1);
+    if done() {
         return Ok(target);
     }
-
-    // Extract into a fresh folder beside the target, then move the result into place.
-    let staging = tempfile::Builder::new()
-        .prefix(&format!(".{stem}.extracting."))
-        .tempdir_in(base)
-        .map_err(|e| Error::io(base, e))?;
-    let limit = std::env::var("D2L_MAX_EXTRACT_BYTES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(MAX_EXTRACT_BYTES);
-    let mut budget = Budget {
+    // One process extracts; the others wait, then find it done.
+    let _lock = lock(&target)?;
+    if done() {
+        return Ok(target);
+    }
+    let staging = AtomicDir::create(&target)?;
+    let mut out = Extraction {
         archive,
-        left: limit,
-        limit,
+        archive_len: fs::metadata(archive)
+            .map_err(|e| Error::io(archive, e))?
+            .len(),
+        limits,
+        into: staging.path(),
+        target: &target,
+        written: 0,
+        entries: 0,
     };
     match kind {
-        ArchiveKind::Zip => extract_zip(archive, staging.path(), &mut budget)?,
-        ArchiveKind::TarGz => extract_tar_gz(archive, staging.path(), &mut budget)?,
+        ArchiveKind::Zip => out.zip()?,
+        ArchiveKind::TarGz => out.tar_gz()?,
     }
     // An archive of one top folder named like it (hotdog.zip -> hotdog/...) gives that folder;
     // any other layout is kept whole under the archive's name.
-    let inner = staging.path().join(stem);
     let single = fs::read_dir(staging.path())
         .map_err(|e| Error::io(staging.path(), e))?
         .count()
         == 1
-        && inner.is_dir();
-    let _ = fs::remove_file(&marker);
-    if target.exists() {
-        fs::remove_dir_all(&target).map_err(|e| Error::io(&target, e))?;
+        && staging.path().join(stem).is_dir();
+    // No marker while the folder changes: a kill in between makes the next call extract again.
+    match fs::remove_file(&marker) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(Error::io(&marker, e)),
+        _ => {}
     }
-    if single {
-        fs::rename(&inner, &target).map_err(|e| Error::io(&target, e))?;
-    } else {
-        let kept = staging.keep();
-        fs::rename(&kept, &target).map_err(|e| Error::io(&target, e))?;
-    }
-    fs::write(&marker, format!("{sha1}\n")).map_err(|e| Error::io(&marker, e))?;
+    staging.commit(single.then_some(Path::new(stem)))?;
+    write_atomically(&marker, format!("{sha1}\n").as_bytes())?;
     Ok(target)
 }
 
@@ -411,30 +493,34 @@ enum ArchiveKind {
     TarGz,
 }
 
-/// Bytes an extraction may still write.
-struct Budget<'a> {
+/// One extraction in progress: where it writes, and what it has written against its bounds.
+struct Extraction<'a> {
     archive: &'a Path,
-    left: u64,
-    limit: u64,
+    archive_len: u64,
+    limits: ExtractLimits,
+    into: &'a Path,
+    /// The folder being made (errors name it, not the temporary `into`).
+    target: &'a Path,
+    written: u64,
+    entries: u64,
 }
 
-impl Budget<'_> {
-    /// Copies one entry, failing once the archive has expanded past the limit.
-    fn copy(&mut self, entry: &str, from: &mut impl Read, to: &Path) -> Result<()> {
-        let mut file = File::create(to).map_err(|e| Error::io(to, e))?;
-        let mut limited = from.take(self.left + 1);
-        let n = io::copy(&mut limited, &mut file).map_err(|e| self.corrupt(entry, e))?;
-        if n > self.left {
-            return Err(Error::Archive {
-                path: self.archive.to_owned(),
-                msg: format!(
-                    "expands past {} bytes at {entry:?} (raise D2L_MAX_EXTRACT_BYTES if it is genuine)",
-                    self.limit
-                ),
-            });
+impl Extraction<'_> {
+    fn refuse(&self, entry: Option<&str>, what: String, setting: Option<&'static str>) -> Error {
+        Error::ExtractLimit {
+            archive: self.archive.to_owned(),
+            entry: entry.map(str::to_owned),
+            what,
+            setting,
         }
-        self.left -= n;
-        Ok(())
+    }
+
+    fn lie(&self, entry: &str, declared: u64) -> Error {
+        self.refuse(
+            Some(entry),
+            format!("it holds more than the {declared} bytes its header declares (a bomb's trick; genuine archives do not)"),
+            None,
+        )
     }
 
     fn corrupt(&self, entry: &str, e: impl std::fmt::Display) -> Error {
@@ -443,6 +529,250 @@ impl Budget<'_> {
             msg: format!("{entry:?}: {e} (delete the file to download it again)"),
         }
     }
+
+    /// The most the whole archive may expand to by the ratio bound.
+    fn ratio_bound(&self) -> u64 {
+        ((self.archive_len as f64 * self.limits.max_ratio) as u64).max(TOTAL_RATIO_GRACE)
+    }
+
+    /// Counts one more entry against `max_files`.
+    fn count_entry(&mut self, entry: &str) -> Result<()> {
+        self.entries += 1;
+        if self.entries > self.limits.max_files {
+            return Err(self.refuse(
+                Some(entry),
+                format!(
+                    "more than {} entries (a file-count bomb?)",
+                    self.limits.max_files
+                ),
+                Some("D2L_MAX_EXTRACT_FILES"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks that `declared` more bytes fit the bounds and the disk, before writing them.
+    fn admit(&self, entry: &str, declared: u64) -> Result<()> {
+        let total = self.written.saturating_add(declared);
+        if total > self.limits.max_bytes {
+            return Err(self.refuse(
+                Some(entry),
+                format!("it expands past {} bytes in all", self.limits.max_bytes),
+                Some("D2L_MAX_EXTRACT_BYTES"),
+            ));
+        }
+        if total > self.ratio_bound() {
+            return Err(self.refuse(
+                Some(entry),
+                format!(
+                    "it expands past {}x its {} compressed bytes",
+                    self.limits.max_ratio, self.archive_len
+                ),
+                Some("D2L_MAX_EXTRACT_RATIO"),
+            ));
+        }
+        self.check_space(declared.saturating_add(BLOCK))
+    }
+
+    fn check_space(&self, needed: u64) -> Result<()> {
+        match available_bytes(self.into) {
+            Some(available) if available < needed => Err(Error::NoSpace {
+                path: self.target.to_owned(),
+                needed,
+                available,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Writes one entry of `declared` bytes from `from` to `to`: exactly that many, or an error
+    /// (more is a bomb's lie, fewer a cut archive). Read errors are the archive's, write errors
+    /// the disk's.
+    fn write_entry(
+        &mut self,
+        entry: &str,
+        declared: u64,
+        from: &mut impl Read,
+        to: &Path,
+    ) -> Result<()> {
+        self.admit(entry, declared)?;
+        // Errors name the file as it would be in the target folder.
+        let shown = self.target.join(to.strip_prefix(self.into).unwrap_or(to));
+        let mut file = File::create(to).map_err(|e| Error::io(&shown, e))?;
+        let mut buf = vec![0u8; 1 << 16];
+        let mut n = 0u64;
+        loop {
+            let got = match from.read(&mut buf) {
+                Ok(0) => break,
+                Ok(got) => got,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // The zip reader stops an entry at its declared size itself: the same lie.
+                Err(e) if e.to_string().contains("larger than its declared") => {
+                    return Err(self.lie(entry, declared))
+                }
+                Err(e) => return Err(self.corrupt(entry, e)),
+            };
+            n += got as u64;
+            if n > declared {
+                return Err(self.lie(entry, declared));
+            }
+            file.write_all(&buf[..got])
+                .map_err(|e| Error::io(&shown, e))?;
+        }
+        if n < declared {
+            return Err(self.corrupt(
+                entry,
+                format!("{n} bytes where its header declares {declared}"),
+            ));
+        }
+        self.written += n;
+        Ok(())
+    }
+
+    fn zip(&mut self) -> Result<()> {
+        let file = File::open(self.archive).map_err(|e| Error::io(self.archive, e))?;
+        let mut zip =
+            zip::ZipArchive::new(file).map_err(|e| self.corrupt("(central directory)", e))?;
+        self.check_zip_directory(&mut zip)?;
+        for i in 0..zip.len() {
+            let mut entry = zip
+                .by_index(i)
+                .map_err(|e| self.corrupt(&format!("entry {i}"), e))?;
+            let name = entry
+                .name()
+                .map_err(|e| self.corrupt(&format!("entry {i}"), e))?
+                .into_owned();
+            let rel = safe_relative(self.archive, &name)?;
+            if entry.is_symlink() {
+                // A link could point anywhere: data sets have no reason to hold one.
+                return Err(Error::UnsafeEntry {
+                    archive: self.archive.to_owned(),
+                    entry: name,
+                });
+            }
+            self.count_entry(&name)?;
+            let out = self.into.join(&rel);
+            if entry.is_dir() {
+                fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+                continue;
+            }
+            if let Some(dir) = out.parent() {
+                fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+            }
+            let declared = entry.size();
+            self.write_entry(&name, declared, &mut entry, &out)?;
+        }
+        Ok(())
+    }
+
+    /// The zip's central directory against the bounds, before anything is written: entry
+    /// count, each entry's and the whole archive's expansion, the total, and the disk's room.
+    fn check_zip_directory(&self, zip: &mut zip::ZipArchive<File>) -> Result<()> {
+        let count = zip.len() as u64;
+        if count > self.limits.max_files {
+            return Err(self.refuse(
+                None,
+                format!(
+                    "it has {count} entries, more than {} (a file-count bomb?)",
+                    self.limits.max_files
+                ),
+                Some("D2L_MAX_EXTRACT_FILES"),
+            ));
+        }
+        let mut total = 0u64;
+        for i in 0..zip.len() {
+            let entry = zip
+                .by_index_raw(i)
+                .map_err(|e| self.corrupt(&format!("entry {i}"), e))?;
+            let (size, packed) = (entry.size(), entry.compressed_size());
+            let name = entry.name().map(|n| n.into_owned()).unwrap_or_default();
+            if size > ENTRY_RATIO_GRACE
+                && size as f64 > self.limits.max_ratio * packed.max(1) as f64
+            {
+                return Err(self.refuse(
+                    Some(&name),
+                    format!(
+                        "it expands {packed} bytes to {size}, {:.0}x, more than {}x",
+                        size as f64 / packed.max(1) as f64,
+                        self.limits.max_ratio
+                    ),
+                    Some("D2L_MAX_EXTRACT_RATIO"),
+                ));
+            }
+            total = total.saturating_add(size);
+        }
+        if total > self.limits.max_bytes {
+            return Err(self.refuse(
+                None,
+                format!(
+                    "its entries declare {total} bytes in all, more than {}",
+                    self.limits.max_bytes
+                ),
+                Some("D2L_MAX_EXTRACT_BYTES"),
+            ));
+        }
+        if total > self.ratio_bound() {
+            return Err(self.refuse(
+                None,
+                format!(
+                    "its entries declare {total} bytes in all, {:.0}x its {} bytes (entries that share data?), more than {}x",
+                    total as f64 / self.archive_len.max(1) as f64,
+                    self.archive_len,
+                    self.limits.max_ratio
+                ),
+                Some("D2L_MAX_EXTRACT_RATIO"),
+            ));
+        }
+        self.check_space(total.saturating_add(count.saturating_mul(BLOCK)))
+    }
+
+    fn tar_gz(&mut self) -> Result<()> {
+        // gzip's trailer holds the expanded size modulo 4 GiB: a first guess for the disk check
+        // (it can lie; the bounds below hold as the bytes come).
+        self.check_space(gzip_isize(self.archive).unwrap_or(0))?;
+        let file = File::open(self.archive).map_err(|e| Error::io(self.archive, e))?;
+        let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(io::BufReader::new(file)));
+        let entries = tar.entries().map_err(|e| self.corrupt("(header)", e))?;
+        for entry in entries {
+            let mut entry = entry.map_err(|e| self.corrupt("(header)", e))?;
+            let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+            let rel = safe_relative(self.archive, &name)?;
+            let out = self.into.join(&rel);
+            match entry.header().entry_type() {
+                tar::EntryType::Directory => {
+                    self.count_entry(&name)?;
+                    fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+                }
+                tar::EntryType::Regular | tar::EntryType::Continuous => {
+                    self.count_entry(&name)?;
+                    if let Some(dir) = out.parent() {
+                        fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+                    }
+                    let declared = entry.size();
+                    self.write_entry(&name, declared, &mut entry, &out)?;
+                }
+                // pax/GNU metadata headers carry no file.
+                tar::EntryType::XGlobalHeader | tar::EntryType::XHeader => {}
+                _ => {
+                    return Err(Error::UnsafeEntry {
+                        archive: self.archive.to_owned(),
+                        entry: name,
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// gzip's ISIZE: the last 4 bytes, the expanded size modulo 2^32.
+fn gzip_isize(path: &Path) -> Option<u64> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = File::open(path).ok()?;
+    f.seek(SeekFrom::End(-4)).ok()?;
+    let mut b = [0u8; 4];
+    f.read_exact(&mut b).ok()?;
+    Some(u32::from_le_bytes(b) as u64)
 }
 
 /// The path an entry may be written to: relative, with no `..`, no root and no prefix.
@@ -462,67 +792,18 @@ fn safe_relative(archive: &Path, entry: &str) -> Result<PathBuf> {
     }
 }
 
-fn extract_zip(archive: &Path, into: &Path, budget: &mut Budget) -> Result<()> {
-    let file = File::open(archive).map_err(|e| Error::io(archive, e))?;
-    let mut zip =
-        zip::ZipArchive::new(file).map_err(|e| budget.corrupt("(central directory)", e))?;
-    for i in 0..zip.len() {
-        let mut entry = zip
-            .by_index(i)
-            .map_err(|e| budget.corrupt(&format!("entry {i}"), e))?;
-        let name = entry
-            .name()
-            .map_err(|e| budget.corrupt(&format!("entry {i}"), e))?
-            .into_owned();
-        let rel = safe_relative(archive, &name)?;
-        if entry.is_symlink() {
-            // A link could point anywhere: data sets have no reason to hold one.
-            return Err(Error::UnsafeEntry {
-                archive: archive.to_owned(),
-                entry: name,
-            });
-        }
-        let out = into.join(&rel);
-        if entry.is_dir() {
-            fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
-            continue;
-        }
-        if let Some(dir) = out.parent() {
-            fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        }
-        budget.copy(&name, &mut entry, &out)?;
-    }
-    Ok(())
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-fn extract_tar_gz(archive: &Path, into: &Path, budget: &mut Budget) -> Result<()> {
-    let file = File::open(archive).map_err(|e| Error::io(archive, e))?;
-    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(io::BufReader::new(file)));
-    let entries = tar.entries().map_err(|e| budget.corrupt("(header)", e))?;
-    for entry in entries {
-        let mut entry = entry.map_err(|e| budget.corrupt("(header)", e))?;
-        let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
-        let rel = safe_relative(archive, &name)?;
-        let out = into.join(&rel);
-        match entry.header().entry_type() {
-            tar::EntryType::Directory => {
-                fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
-            }
-            tar::EntryType::Regular | tar::EntryType::Continuous => {
-                if let Some(dir) = out.parent() {
-                    fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-                }
-                budget.copy(&name, &mut entry, &out)?;
-            }
-            // pax/GNU metadata headers carry no file.
-            tar::EntryType::XGlobalHeader | tar::EntryType::XHeader => {}
-            _ => {
-                return Err(Error::UnsafeEntry {
-                    archive: archive.to_owned(),
-                    entry: name,
-                })
-            }
-        }
+    #[test]
+    fn sizes_parse_like_a_person_writes_them() {
+        assert_eq!(parse_bytes("1500000"), Some(1_500_000));
+        assert_eq!(parse_bytes("64MiB"), Some(64 << 20));
+        assert_eq!(parse_bytes("2 GiB"), Some(2 << 30));
+        assert_eq!(parse_bytes("10k"), Some(10 << 10));
+        assert_eq!(parse_bytes("1.5G"), Some(3 << 29));
+        assert_eq!(parse_bytes("lots"), None);
+        assert_eq!(parse_bytes("5 parsecs"), None);
     }
-    Ok(())
 }

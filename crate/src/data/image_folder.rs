@@ -148,24 +148,22 @@ impl ImageFolder {
 
     /// Sample `i`: the decoded RGB image and its label (Python's `train_data[i]`).
     pub fn get(&self, i: usize) -> Result<(RgbImage, i64)> {
-        let (path, label) = self.samples.get(i).ok_or_else(|| {
-            Error::Invalid(format!(
-                "index {i} is out of range for {} images",
-                self.len()
-            ))
+        let (path, label) = self.samples.get(i).ok_or_else(|| Error::IndexOutOfRange {
+            index: i as i64,
+            len: self.len(),
         })?;
         Ok((load_rgb(path)?, *label))
     }
 
     /// Sample `i` counted from the end: `get_rev(0)` is the last (Python's `train_data[-i - 1]`).
     pub fn get_rev(&self, i: usize) -> Result<(RgbImage, i64)> {
-        let index = self.len().checked_sub(i + 1).ok_or_else(|| {
-            Error::Invalid(format!(
-                "index -{} is out of range for {} images",
-                i + 1,
-                self.len()
-            ))
-        })?;
+        let index = self
+            .len()
+            .checked_sub(i + 1)
+            .ok_or_else(|| Error::IndexOutOfRange {
+                index: -(i as i64) - 1,
+                len: self.len(),
+            })?;
         self.get(index)
     }
 }

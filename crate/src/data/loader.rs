@@ -42,9 +42,7 @@ impl DataLoader {
     /// defaults); change it with the builder methods.
     pub fn new(dataset: ImageFolder, transform: Compose, batch_size: usize) -> Result<DataLoader> {
         if batch_size == 0 {
-            return Err(Error::Invalid(
-                "DataLoader: batch_size must be at least 1".into(),
-            ));
+            return Err(Error::arg("DataLoader", "batch_size must be at least 1"));
         }
         Ok(DataLoader {
             dataset: Arc::new(dataset),
@@ -191,8 +189,9 @@ impl Plan {
         })?;
         match transformed {
             Sample::Tensor(t) => Ok((t, *label)),
-            Sample::Image(_) => Err(Error::Invalid(
-                "DataLoader: the transform must end with ToTensor (it returned an image)".into(),
+            Sample::Image(_) => Err(Error::arg(
+                "DataLoader",
+                "the transform must end with ToTensor (it returned an image)",
             )),
         }
     }
@@ -342,9 +341,10 @@ impl Workers {
                     self.done.insert(i, batch);
                 }
                 Err(_) => {
-                    break Err(Error::Invalid(format!(
-                        "DataLoader: the workers stopped before batch {b} was ready"
-                    )))
+                    break Err(Error::Loader {
+                        batch: b,
+                        msg: "the workers stopped before it was ready".into(),
+                    })
                 }
             }
         };
@@ -451,7 +451,10 @@ impl Shared {
         let batch = match (finished.error, finished.x) {
             (Some(e), _) => Err(e),
             (None, Some((x, _))) => plan.finish(x, &finished.labels),
-            (None, None) => Err(Error::Invalid(format!("DataLoader: batch {b} is empty"))),
+            (None, None) => Err(Error::Loader {
+                batch: b,
+                msg: "it is empty".into(),
+            }),
         };
         Some((b, batch))
     }

@@ -16,6 +16,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::files::{lock, AtomicDir, AtomicFile};
 
 /// The foods that are not hot dogs: the negatives of the hotdog-like set.
 pub const OTHER_FOODS: [&str; 10] = [
@@ -129,23 +130,27 @@ pub fn pack_zip(dir: impl AsRef<Path>, zip_path: impl AsRef<Path>) -> Result<()>
     let name = dir
         .file_name()
         .and_then(|n| n.to_str())
-        .ok_or_else(|| Error::Invalid(format!("pack_zip: {} has no folder name", dir.display())))?;
+        .ok_or_else(|| Error::arg("pack_zip", format!("{} has no folder name", dir.display())))?;
     let mut files = Vec::new();
     collect_files(dir, &mut files)?;
     files.sort();
-    let parent = zip_path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = tempfile::NamedTempFile::new_in(parent).map_err(|e| Error::io(parent, e))?;
-    let mut zip = zip::ZipWriter::new(tmp.reopen().map_err(|e| Error::io(tmp.path(), e))?);
+    let mut tmp = AtomicFile::create(zip_path)?;
+    let tmp_path = tmp.temp_path().to_owned();
+    let mut zip = zip::ZipWriter::new(
+        tmp.file()
+            .try_clone()
+            .map_err(|e| Error::io(&tmp_path, e))?,
+    );
     // JPEGs do not compress: store them, as the real archive's are nearly stored too.
     let opts = zip::write::SimpleFileOptions::default()
         .compression_method(zip::CompressionMethod::Stored)
         .last_modified_time(zip::DateTime::default());
-    let zip_err = |e: zip::result::ZipError| Error::Archive {
-        path: zip_path.to_owned(),
-        msg: e.to_string(),
+    let zip_err = |e: zip::result::ZipError| match e {
+        zip::result::ZipError::Io(e) => Error::io(&tmp_path, e),
+        e => Error::Archive {
+            path: zip_path.to_owned(),
+            msg: e.to_string(),
+        },
     };
     for file in &files {
         let rel = file
@@ -156,11 +161,10 @@ pub fn pack_zip(dir: impl AsRef<Path>, zip_path: impl AsRef<Path>) -> Result<()>
         zip.start_file(format!("{name}/{rel}"), opts)
             .map_err(zip_err)?;
         let bytes = fs::read(file).map_err(|e| Error::io(file, e))?;
-        zip.write_all(&bytes).map_err(|e| Error::io(zip_path, e))?;
+        zip.write_all(&bytes).map_err(|e| Error::io(&tmp_path, e))?;
     }
     zip.finish().map_err(zip_err)?;
-    tmp.persist(zip_path)
-        .map_err(|e| Error::io(zip_path, e.error))?;
+    tmp.commit()?;
     Ok(())
 }
 
@@ -192,22 +196,25 @@ fn make_dataset<C: Serialize>(
     draw: impl Fn(usize, &mut ChaCha8Rng, &mut Canvas) + Sync,
 ) -> Result<PathBuf> {
     if sizes.0 == 0 || sizes.0 > sizes.1 {
-        return Err(Error::Invalid(format!(
-            "image sides must satisfy 0 < min <= max, got {sizes:?}"
-        )));
+        return Err(Error::arg(
+            "synthetic data set",
+            format!("image sides must satisfy 0 < min <= max, got {sizes:?}"),
+        ));
     }
     let target = root.join(name);
     // The marker records the config and the class list: either changing remakes the set.
-    let config = serde_json::to_string_pretty(cfg).map_err(|e| Error::Invalid(e.to_string()))?;
+    let config = serde_json::to_string_pretty(cfg).map_err(|e| Error::json(name, e))?;
     let config = format!("{config}\nclasses: {classes:?}");
-    if fs::read_to_string(target.join(MARKER)).is_ok_and(|m| m == config) {
+    let made = || fs::read_to_string(target.join(MARKER)).is_ok_and(|m| m == config);
+    if made() {
         return Ok(target);
     }
-    fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
-    let staging = tempfile::Builder::new()
-        .prefix(&format!(".{name}.making."))
-        .tempdir_in(root)
-        .map_err(|e| Error::io(root, e))?;
+    // One process draws it; others sharing the folder wait, then find it made.
+    let _lock = lock(&target)?;
+    if made() {
+        return Ok(target);
+    }
+    let staging = AtomicDir::create(&target)?;
 
     let mut jobs = Vec::new();
     for (s, &(split, count)) in splits.iter().enumerate() {
@@ -245,18 +252,17 @@ fn make_dataset<C: Serialize>(
             })
             .collect();
         handles.into_iter().try_for_each(|h| {
-            h.join()
-                .unwrap_or_else(|_| Err(Error::Invalid("drawing thread panicked".into())))
+            h.join().unwrap_or_else(|_| {
+                Err(Error::Panicked {
+                    what: format!("drawing {name}"),
+                })
+            })
         })
     })?;
 
-    fs::write(staging.path().join(MARKER), &config).map_err(|e| Error::io(staging.path(), e))?;
-    if target.exists() {
-        fs::remove_dir_all(&target).map_err(|e| Error::io(&target, e))?;
-    }
-    let kept = staging.keep();
-    fs::rename(&kept, &target).map_err(|e| Error::io(&target, e))?;
-    Ok(target)
+    let marker = staging.path().join(MARKER);
+    fs::write(&marker, &config).map_err(|e| Error::io(&marker, e))?;
+    staging.commit(None)
 }
 
 fn save_jpeg(img: &RgbImage, path: &Path, quality: u8) -> Result<()> {

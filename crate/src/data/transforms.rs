@@ -42,21 +42,23 @@ pub enum Sample {
 }
 
 impl Sample {
-    fn into_image(self, by: &str) -> Result<RgbImage> {
+    fn into_image(self, by: &'static str) -> Result<RgbImage> {
         match self {
             Sample::Image(img) => Ok(img),
-            Sample::Tensor(_) => Err(Error::Invalid(format!(
-                "{by} takes an image, but got a tensor: put it before ToTensor in the Compose"
-            ))),
+            Sample::Tensor(_) => Err(Error::arg(
+                by,
+                "takes an image, but got a tensor: put it before ToTensor in the Compose",
+            )),
         }
     }
 
-    fn into_tensor(self, by: &str) -> Result<ImageTensor> {
+    fn into_tensor(self, by: &'static str) -> Result<ImageTensor> {
         match self {
             Sample::Tensor(t) => Ok(t),
-            Sample::Image(_) => Err(Error::Invalid(format!(
-                "{by} takes a tensor, but got an image: put ToTensor before it in the Compose"
-            ))),
+            Sample::Image(_) => Err(Error::arg(
+                by,
+                "takes a tensor, but got an image: put ToTensor before it in the Compose",
+            )),
         }
     }
 }
@@ -108,9 +110,9 @@ impl Compose {
     pub fn tensor(&self, img: &RgbImage) -> Result<tch::Tensor> {
         let mut rng = rand::rngs::mock::StepRng::new(0, 0);
         let Sample::Tensor(t) = self.apply(Sample::Image(img.clone()), &mut rng)? else {
-            return Err(Error::Invalid(
-                "Compose::tensor: the transform must end with ToTensor (it returned an image)"
-                    .into(),
+            return Err(Error::arg(
+                "Compose::tensor",
+                "the transform must end with ToTensor (it returned an image)",
             ));
         };
         Ok(tch::Tensor::from_slice(&t.data).f_reshape([3, t.height as i64, t.width as i64])?)
@@ -228,13 +230,16 @@ pub fn resized_crop(
     let fits =
         height > 0 && width > 0 && top + height <= img.height() && left + width <= img.width();
     if !fits || size.0 == 0 || size.1 == 0 {
-        return Err(Error::Invalid(format!(
-            "resized_crop: crop {height}x{width} at ({top}, {left}) to {}x{} does not fit a {}x{} image",
-            size.0,
-            size.1,
-            img.height(),
-            img.width()
-        )));
+        return Err(Error::arg(
+            "resized_crop",
+            format!(
+                "crop {height}x{width} at ({top}, {left}) to {}x{} does not fit a {}x{} image",
+                size.0,
+                size.1,
+                img.height(),
+                img.width()
+            ),
+        ));
     }
     // Crop first, as PIL does: pixels outside the crop must not reach the resampling kernel at
     // its edges.
@@ -246,14 +251,14 @@ pub fn resized_crop(
         &cropped
     };
     let src = ImageRef::new(width, height, region.as_raw(), PixelType::U8x3)
-        .map_err(|e| Error::Invalid(format!("resized_crop: {e}")))?;
+        .map_err(|e| Error::arg("resized_crop", e.to_string()))?;
     let mut dst = Image::new(size.1, size.0, PixelType::U8x3);
     let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
     Resizer::new()
         .resize(&src, &mut dst, &options)
-        .map_err(|e| Error::Invalid(format!("resized_crop: {e}")))?;
+        .map_err(|e| Error::arg("resized_crop", e.to_string()))?;
     RgbImage::from_raw(size.1, size.0, dst.into_vec())
-        .ok_or_else(|| Error::Invalid("resized_crop: output buffer has the wrong size".into()))
+        .ok_or_else(|| Error::arg("resized_crop", "output buffer has the wrong size"))
 }
 
 /// Copies a region that lies inside the image, a row at a time.

@@ -40,9 +40,10 @@ impl LineFmt {
             Some('y') => RGBColor(191, 191, 0),
             Some('k') => RGBColor(0, 0, 0),
             Some(c) => {
-                return Err(Error::Invalid(format!(
-                    "Animator: line format {fmt:?} has an unknown colour {c:?}; use one of bgrcmyk"
-                )))
+                return Err(Error::arg(
+                    "Animator",
+                    format!("line format {fmt:?} has an unknown colour {c:?}; use one of bgrcmyk"),
+                ))
             }
         };
         let dash = match style {
@@ -51,9 +52,10 @@ impl LineFmt {
             "-." => Some((2.2, 1.6)),
             ":" => Some((0.8, 1.3)),
             _ => {
-                return Err(Error::Invalid(format!(
-                    "Animator: line format {fmt:?}: the style must be -, --, -. or :"
-                )))
+                return Err(Error::arg(
+                    "Animator",
+                    format!("line format {fmt:?}: the style must be -, --, -. or :"),
+                ))
             }
         };
         Ok(LineFmt { color, dash })
@@ -192,9 +194,10 @@ impl Animator {
     pub fn to_png_dpi(&self, dpi: f64) -> Result<Png> {
         self.check()?;
         if !(10.0..=1000.0).contains(&dpi) {
-            return Err(Error::Invalid(format!(
-                "Animator: dpi {dpi} is outside 10..=1000"
-            )));
+            return Err(Error::arg(
+                "Animator",
+                format!("dpi {dpi} is outside 10..=1000"),
+            ));
         }
         let (w, h) = self.size_at(dpi);
         let mut rgb = vec![255u8; w as usize * h as usize * 3];
@@ -214,10 +217,10 @@ impl Animator {
             Some("svg") => self.to_svg()?.into_bytes(),
             Some("png") => self.to_png()?.bytes().to_vec(),
             _ => {
-                return Err(Error::Invalid(format!(
-                    "Animator::save: {} must end in .svg or .png",
-                    path.display()
-                )))
+                return Err(Error::arg(
+                    "Animator::save",
+                    format!("{} must end in .svg or .png", path.display()),
+                ))
             }
         };
         crate::files::write_atomically(path, &bytes)
@@ -265,15 +268,16 @@ impl Animator {
             .flatten()
             .find(|(lo, hi)| lo.partial_cmp(hi) != Some(std::cmp::Ordering::Less))
         {
-            return Err(Error::Invalid(format!(
-                "Animator: an axis limit [{lo}, {hi}] is empty; give lo < hi"
-            )));
+            return Err(Error::arg(
+                "Animator",
+                format!("an axis limit [{lo}, {hi}] is empty; give lo < hi"),
+            ));
         }
         if !(self.figsize.0 > 0.0 && self.figsize.1 > 0.0) {
-            return Err(Error::Invalid(format!(
-                "Animator: figsize {:?} must be positive",
-                self.figsize
-            )));
+            return Err(Error::arg(
+                "Animator",
+                format!("figsize {:?} must be positive", self.figsize),
+            ));
         }
         Ok(())
     }

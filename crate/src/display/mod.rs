@@ -5,7 +5,6 @@ mod font;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
 
 pub use animator::Animator;
 
@@ -40,10 +39,13 @@ impl Png {
     pub fn from_rgb(width: u32, height: u32, rgb: &[u8]) -> Result<Png> {
         let expected = width as usize * height as usize * 3;
         if rgb.len() != expected || expected == 0 {
-            return Err(Error::Invalid(format!(
-                "Png::from_rgb: {width}x{height} RGB needs {expected} bytes, got {}",
-                rgb.len()
-            )));
+            return Err(Error::arg(
+                "Png::from_rgb",
+                format!(
+                    "{width}x{height} RGB needs {expected} bytes, got {}",
+                    rgb.len()
+                ),
+            ));
         }
         let mut bytes = Vec::new();
         PngEncoder::new(&mut bytes).write_image(rgb, width, height, ExtendedColorType::Rgb8)?;
@@ -60,9 +62,10 @@ impl Png {
         let (h, w) = match image.size()[..] {
             [1 | 3, h, w] if h > 0 && w > 0 => (h, w),
             ref size => {
-                return Err(Error::Invalid(format!(
-                    "Png::from_tensor: expected a [3, h, w] or [1, h, w] image, got shape {size:?}"
-                )))
+                return Err(Error::arg(
+                    "Png::from_tensor",
+                    format!("expected a [3, h, w] or [1, h, w] image, got shape {size:?}"),
+                ))
             }
         };
         let image = image.to_device(Device::Cpu);
@@ -75,9 +78,10 @@ impl Png {
                 .f_round()?
                 .f_to_kind(Kind::Uint8)?,
             kind => {
-                return Err(Error::Invalid(format!(
-                    "Png::from_tensor: expected u8 or floating-point pixels, got {kind:?}"
-                )))
+                return Err(Error::arg(
+                    "Png::from_tensor",
+                    format!("expected u8 or floating-point pixels, got {kind:?}"),
+                ))
             }
         };
         // [c, h, w] -> [h, w, 3]
@@ -143,25 +147,7 @@ pub fn in_notebook() -> bool {
     std::env::var_os("EVCXR_IS_RUNTIME").is_some()
 }
 
-static FIGURES_DIR: RwLock<Option<PathBuf>> = RwLock::new(None);
-
-/// Where `show` saves figures outside a notebook: the folder given to [`set_figures_dir`], else
-/// `$D2L_FIGURES_DIR`, else `figures` in the working directory.
-pub fn figures_dir() -> PathBuf {
-    if let Some(dir) = FIGURES_DIR.read().ok().and_then(|d| d.clone()) {
-        return dir;
-    }
-    std::env::var_os("D2L_FIGURES_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("figures"))
-}
-
-/// Sets the folder `show` saves figures into outside a notebook.
-pub fn set_figures_dir(dir: impl Into<PathBuf>) {
-    if let Ok(mut d) = FIGURES_DIR.write() {
-        *d = Some(dir.into());
-    }
-}
+pub use crate::files::{figures_dir, set_figures_dir};
 
 /// A test pattern: red grows from left to right, green from top to bottom, blue falls with red.
 ///
@@ -189,22 +175,28 @@ pub fn show_images(
     scale: f64,
 ) -> Result<Png> {
     if num_rows == 0 || num_cols == 0 || scale.is_nan() || scale <= 0.0 || scale > 100.0 {
-        return Err(Error::Invalid(format!(
-            "show_images: num_rows and num_cols must be at least 1 and scale in (0, 100], got {num_rows}, {num_cols}, {scale}"
+        return Err(Error::arg("show_images", format!(
+            "num_rows and num_cols must be at least 1 and scale in (0, 100], got {num_rows}, {num_cols}, {scale}"
         )));
     }
     if imgs.len() > num_rows * num_cols {
-        return Err(Error::Invalid(format!(
-            "show_images: {} images do not fit a {num_rows} x {num_cols} grid",
-            imgs.len()
-        )));
+        return Err(Error::arg(
+            "show_images",
+            format!(
+                "{} images do not fit a {num_rows} x {num_cols} grid",
+                imgs.len()
+            ),
+        ));
     }
     if let Some(t) = titles.filter(|t| t.len() != imgs.len()) {
-        return Err(Error::Invalid(format!(
-            "show_images: {} titles for {} images; give one title an image",
-            t.len(),
-            imgs.len()
-        )));
+        return Err(Error::arg(
+            "show_images",
+            format!(
+                "{} titles for {} images; give one title an image",
+                t.len(),
+                imgs.len()
+            ),
+        ));
     }
     let (width, height) = (
         (num_cols as f64 * scale * 100.0).round() as u32,

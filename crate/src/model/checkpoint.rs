@@ -17,6 +17,7 @@ use tch::{Device, Kind, Tensor};
 use super::{resnet18, ResNet};
 use crate::data::transforms::{CenterCrop, Compose, Normalize, Resize, ToTensor};
 use crate::error::{Error, Result};
+use crate::files::{write_atomically, AtomicFile};
 use crate::settings::Settings;
 
 /// What a checkpoint's JSON file holds.
@@ -78,16 +79,20 @@ pub fn save_checkpoint(
 ) -> Result<(PathBuf, PathBuf)> {
     let stem = stem.as_ref();
     if classes.len() as i64 != net.fc.out_features {
-        return Err(Error::Invalid(format!(
-            "save_checkpoint: {} class names for a model with {} outputs",
-            classes.len(),
-            net.fc.out_features
-        )));
+        return Err(Error::arg(
+            "save_checkpoint",
+            format!(
+                "{} class names for a model with {} outputs",
+                classes.len(),
+                net.fc.out_features
+            ),
+        ));
     }
     if crop == 0 || crop > resize {
-        return Err(Error::Invalid(format!(
-            "save_checkpoint: crop {crop} must be between 1 and resize {resize}"
-        )));
+        return Err(Error::arg(
+            "save_checkpoint",
+            format!("crop {crop} must be between 1 and resize {resize}"),
+        ));
     }
     let (weights, json) = checkpoint_paths(stem);
     let dir = match weights.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -102,15 +107,9 @@ pub fn save_checkpoint(
             .map(|(n, t)| Ok((n, t.f_to_device(Device::Cpu)?.f_contiguous()?)))
             .collect()
     })?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".d2l-")
-        .suffix(".safetensors.part")
-        .tempfile_in(&dir)
-        .map_err(|e| Error::io(&dir, e))?;
-    Tensor::write_safetensors(&tensors, tmp.path()).map_err(|e| Error::Weights {
-        path: weights.clone(),
-        msg: e.to_string(),
-    })?;
+    let tmp = AtomicFile::create(&weights)?;
+    Tensor::write_safetensors(&tensors, tmp.temp_path())
+        .map_err(|e| super::torch_write_error(&weights, e))?;
     let config = CheckpointConfig {
         arch: "resnet18".into(),
         classes: classes.to_vec(),
@@ -118,15 +117,13 @@ pub fn save_checkpoint(
         crop,
         mean: [0.485, 0.456, 0.406],
         std: [0.229, 0.224, 0.225],
-        weights_sha256: sha256_file(tmp.path())?,
+        weights_sha256: sha256_file(tmp.temp_path())?,
         notes,
         settings: Settings::current(),
     };
-    tmp.persist(&weights)
-        .map_err(|e| Error::io(&weights, e.error))?;
-    let text = serde_json::to_string_pretty(&config)
-        .map_err(|e| Error::Invalid(format!("save_checkpoint: {e}")))?;
-    crate::files::write_atomically(&json, text.as_bytes())?;
+    tmp.commit()?;
+    let text = serde_json::to_string_pretty(&config).map_err(|e| Error::json(json.display(), e))?;
+    write_atomically(&json, text.as_bytes())?;
     Ok((weights, json))
 }
 
@@ -248,7 +245,7 @@ impl Classifier {
             .iter()
             .enumerate()
             .max_by(|a, b| a.1.total_cmp(b.1))
-            .ok_or_else(|| Error::Invalid("the model has no outputs".into()))?;
+            .ok_or_else(|| Error::arg("predict", "the model has no outputs"))?;
         Ok(Prediction {
             class: self.config.classes[index].clone(),
             index,

@@ -24,6 +24,22 @@ pub use weights::{
 
 use crate::error::{Error, Result};
 
+/// An error from libtorch writing `path`: a full disk is [`Error::DiskFull`], other I/O errors
+/// [`Error::Io`], the rest [`Error::Weights`].
+pub(crate) fn torch_write_error(path: &Path, e: tch::TchError) -> Error {
+    match e {
+        tch::TchError::Io(e)
+        | tch::TchError::SafeTensorError {
+            err: safetensors::SafeTensorError::IoError(e),
+            ..
+        } => Error::io(path, e),
+        e => Error::Weights {
+            path: path.to_owned(),
+            msg: e.to_string(),
+        },
+    }
+}
+
 /// Copies a state dict's tensors into the variables of `vs` with the same names, like PyTorch's
 /// `load_state_dict(strict=True)`, except for variables whose names start with one of `skip`
 /// (`&["fc."]` keeps a new output layer). `num_batches_tracked` entries are ignored (tch keeps

@@ -14,6 +14,7 @@ use crate::data::transforms::{
 };
 use crate::data::{DataLoader, ImageFolder};
 use crate::error::{Error, Result};
+use crate::files::{lock, AtomicDir};
 use crate::train::{
     evaluate_accuracy_gpu, train_batch_ch13, CrossEntropyLoss, DataParallel, ParamGroup,
     StepOptions, SGD,
@@ -86,15 +87,21 @@ pub fn pretrain_source_model(
     let key = crate::offline::config_key(&(cfg, crate::data::synthetic::SOURCE_CLASSES))?;
     let dir = cache.join(format!("source-model-{key}"));
     let report = dir.join("report.json");
-    if let Ok(text) = std::fs::read_to_string(&report) {
-        if let Ok(model) = serde_json::from_str::<SourceModel>(&text) {
-            if model.config == *cfg
-                && model.classes == crate::data::synthetic::SOURCE_CLASSES
-                && model.weights.is_file()
-            {
-                return Ok(model);
-            }
-        }
+    let cached = || -> Option<SourceModel> {
+        let text = std::fs::read_to_string(&report).ok()?;
+        let model = serde_json::from_str::<SourceModel>(&text).ok()?;
+        (model.config == *cfg
+            && model.classes == crate::data::synthetic::SOURCE_CLASSES
+            && model.weights.is_file())
+        .then_some(model)
+    };
+    if let Some(model) = cached() {
+        return Ok(model);
+    }
+    // One process trains it; others sharing the cache wait, then load it.
+    let _lock = lock(&dir)?;
+    if let Some(model) = cached() {
+        return Ok(model);
     }
 
     let root = make_source_dataset(cache.join("data"), &cfg.data)?;
@@ -161,12 +168,10 @@ pub fn pretrain_source_model(
     }
     let test_acc = evaluate_accuracy_gpu(&net, &test_iter, device)?;
 
-    std::fs::create_dir_all(cache).map_err(|e| Error::io(cache, e))?;
-    let staging = tempfile::Builder::new()
-        .prefix(".source-model.")
-        .tempdir_in(cache)
-        .map_err(|e| Error::io(cache, e))?;
-    vs.save(staging.path().join("model.safetensors"))?;
+    let staging = AtomicDir::create(&dir)?;
+    let weights = staging.path().join("model.safetensors");
+    vs.save(&weights)
+        .map_err(|e| crate::model::torch_write_error(&weights, e))?;
     let model = SourceModel {
         weights: dir.join("model.safetensors"),
         config: cfg.clone(),
@@ -174,12 +179,10 @@ pub fn pretrain_source_model(
         test_acc,
         train_seconds: start.elapsed().as_secs_f64(),
     };
-    let text = serde_json::to_string_pretty(&model).map_err(|e| Error::Invalid(e.to_string()))?;
-    std::fs::write(staging.path().join("report.json"), text)
-        .map_err(|e| Error::io(staging.path(), e))?;
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-    }
-    std::fs::rename(staging.keep(), &dir).map_err(|e| Error::io(&dir, e))?;
+    let text =
+        serde_json::to_string_pretty(&model).map_err(|e| Error::json("source model report", e))?;
+    let staged_report = staging.path().join("report.json");
+    std::fs::write(&staged_report, text).map_err(|e| Error::io(&staged_report, e))?;
+    staging.commit(None)?;
     Ok(model)
 }

@@ -15,17 +15,7 @@ pub const WEIGHTS_URL: &str = "https://download.pytorch.org/models/";
 /// torchvision's `ResNet18_Weights.IMAGENET1K_V1` file; `f37072fd` starts its SHA-256.
 pub const RESNET18_IMAGENET1K_V1: &str = "resnet18-f37072fd.pth";
 
-/// torch.hub's cache: `$TORCH_HOME`, else `$XDG_CACHE_HOME/torch`, else `~/.cache/torch`.
-pub fn torch_home() -> PathBuf {
-    if let Some(home) = std::env::var_os("TORCH_HOME") {
-        return PathBuf::from(home);
-    }
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))
-        .unwrap_or_else(|| PathBuf::from(".cache"));
-    cache.join("torch")
-}
+pub use crate::files::torch_home;
 
 /// The path of a torchvision weights file, downloaded into `<torch_home>/hub/checkpoints/` if it
 /// is not there yet (a file PyTorch already fetched is reused) and checked against the SHA-256
@@ -52,10 +42,8 @@ pub fn weights_file(file_name: &str) -> Result<PathBuf> {
 /// Where [`weights_file`] fetches `file_name` from: the mirror in `D2L_WEIGHTS_URL` when it is
 /// set and not empty, else torchvision's [`WEIGHTS_URL`].
 pub fn weights_url(file_name: &str) -> String {
-    let base = std::env::var("D2L_WEIGHTS_URL")
-        .ok()
-        .filter(|b| !b.trim().is_empty())
-        .unwrap_or_else(|| WEIGHTS_URL.to_owned());
+    let base =
+        crate::files::env_nonempty("D2L_WEIGHTS_URL").unwrap_or_else(|| WEIGHTS_URL.to_owned());
     format!("{}/{file_name}", base.trim_end_matches('/'))
 }
 
@@ -91,9 +79,12 @@ pub fn resnet18_from(vs: &VarStore, weights: &Path) -> Result<ResNet> {
 pub fn xavier_uniform_(t: &Tensor) -> Result<()> {
     let size = t.size();
     if size.len() < 2 {
-        return Err(crate::Error::Invalid(format!(
-            "xavier_uniform_: a tensor of shape {size:?} has no fan-in and fan-out (it needs 2 dimensions or more)"
-        )));
+        return Err(crate::Error::arg(
+            "xavier_uniform_",
+            format!(
+            "a tensor of shape {size:?} has no fan-in and fan-out (it needs 2 dimensions or more)"
+        ),
+        ));
     }
     let receptive: i64 = size[2..].iter().product();
     let (fan_in, fan_out) = (size[1] * receptive, size[0] * receptive);

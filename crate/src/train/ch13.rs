@@ -312,7 +312,7 @@ pub fn train_ch13_with<N: Replicate>(
         if let Some(png) = history.animator().show(&name)? {
             // Outside a notebook the run is kept beside its curves, settings included.
             let text = serde_json::to_string_pretty(&history)
-                .map_err(|e| Error::Invalid(format!("train_ch13: the history: {e}")))?;
+                .map_err(|e| Error::json("train_ch13: the history", e))?;
             crate::files::write_atomically(&png.with_extension("json"), text.as_bytes())?;
         }
     }

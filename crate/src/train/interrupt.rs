@@ -48,10 +48,10 @@ pub fn install_ctrl_c_handler() -> Result<()> {
     let previous =
         unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
     if previous == libc::SIG_ERR {
-        return Err(Error::Invalid(format!(
-            "cannot install the Ctrl-C handler: {}",
-            std::io::Error::last_os_error()
-        )));
+        return Err(Error::Os {
+            what: "cannot install the Ctrl-C handler",
+            source: std::io::Error::last_os_error(),
+        });
     }
     Ok(())
 }

@@ -82,19 +82,23 @@ impl SGD {
             ("weight_decay", weight_decay),
         ] {
             if !(v.is_finite() && v >= 0.0) {
-                return Err(Error::Invalid(format!(
-                    "SGD: {what} = {v}; it must be a finite number >= 0"
-                )));
+                return Err(Error::arg(
+                    "SGD",
+                    format!("{what} = {v}; it must be a finite number >= 0"),
+                ));
             }
         }
         let mut opt = COptimizer::sgd(lr, momentum, 0.0, weight_decay, false)?;
         let mut lrs = Vec::new();
         for (g, group) in groups.into_iter().enumerate() {
             if let Some(bad) = group.params.iter().position(|p| !p.is_leaf()) {
-                return Err(Error::Invalid(format!(
-                    "SGD: parameter {bad} of group {g} is computed from others (not a leaf); \
+                return Err(Error::arg(
+                    "SGD",
+                    format!(
+                        "parameter {bad} of group {g} is computed from others (not a leaf); \
                      give the model's own tensors"
-                )));
+                    ),
+                ));
             }
             for p in &group.params {
                 opt.add_parameters(p, g)?;
@@ -104,8 +108,9 @@ impl SGD {
             lrs.push(group_lr);
         }
         if lrs.is_empty() {
-            return Err(Error::Invalid(
-                "SGD: no parameter groups; give at least one (net.parameters())".into(),
+            return Err(Error::arg(
+                "SGD",
+                "no parameter groups; give at least one (net.parameters())",
             ));
         }
         Ok(SGD { opt, lrs })
@@ -120,7 +125,7 @@ impl SGD {
     pub fn set_lr(&mut self, group: usize, lr: f64) -> Result<()> {
         let groups = self.lrs.len();
         let slot = self.lrs.get_mut(group).ok_or_else(|| {
-            Error::Invalid(format!("SGD::set_lr: no group {group} (it has {groups})"))
+            Error::arg("SGD::set_lr", format!("no group {group} (it has {groups})"))
         })?;
         self.opt.set_learning_rate_group(group, lr)?;
         *slot = lr;

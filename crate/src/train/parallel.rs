@@ -103,9 +103,9 @@ fn autocast_dtype_fns() -> Result<(GetDtype, SetDtype)> {
                 std::mem::transmute::<usize, SetDtype>(*set),
             )
         }),
-        Err(e) => Err(Error::Invalid(format!(
-            "bf16 autocast: {e} (a libtorch other than 2.11?)"
-        ))),
+        Err(e) => Err(Error::Unsupported {
+            what: format!("bf16 autocast: {e} (a libtorch other than 2.11?)"),
+        }),
     }
 }
 
@@ -117,9 +117,11 @@ pub fn cuda_autocast_kind() -> Result<Kind> {
         BFLOAT16 => Kind::BFloat16,
         5 => Kind::Half,
         other => {
-            return Err(Error::Invalid(format!(
-                "CUDA autocast dtype is c10 scalar type {other}, expected Half (5) or BFloat16 (15)"
-            )))
+            return Err(Error::Unsupported {
+                what: format!(
+                    "CUDA autocast dtype is c10 scalar type {other}, expected Half (5) or BFloat16 (15)"
+                ),
+            })
         }
     })
 }
@@ -210,16 +212,20 @@ impl<'a, N: Replicate> DataParallel<'a, N> {
     /// Replicates `net` (which lives on `devices[0]`) onto `devices[1..]`.
     pub fn new(net: &'a N, devices: &[Device]) -> Result<DataParallel<'a, N>> {
         let Some(&device) = devices.first() else {
-            return Err(Error::Invalid(
-                "DataParallel: no devices; use d2l::try_all_gpus()".into(),
+            return Err(Error::arg(
+                "DataParallel",
+                "no devices; use d2l::try_all_gpus()",
             ));
         };
         let tensors: Vec<Tensor> = net.named_tensors().into_iter().map(|(_, t)| t).collect();
         if let Some(t) = tensors.iter().find(|t| t.device() != device) {
-            return Err(Error::Invalid(format!(
-                "DataParallel: the model is on {:?}, the first device is {device:?}; build it there",
-                t.device()
-            )));
+            return Err(Error::arg(
+                "DataParallel",
+                format!(
+                    "the model is on {:?}, the first device is {device:?}; build it there",
+                    t.device()
+                ),
+            ));
         }
         let replicas = devices[1..]
             .iter()
@@ -305,8 +311,8 @@ pub fn train_batch_ch13<N: Replicate>(
                 .collect();
             results.push(forward_backward(first, &xs[0], &ys[0], device, loss, opts)?);
             for h in handles {
-                results.push(h.join().map_err(|_| {
-                    Error::Invalid("DataParallel: a replica's thread panicked".into())
+                results.push(h.join().map_err(|_| Error::Panicked {
+                    what: "DataParallel: a replica".into(),
                 })??);
             }
             Ok(())
