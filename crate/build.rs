@@ -5,6 +5,10 @@
 //! - With the full CUDA install, keep `libtorch_cuda.so` linked: rustc links with `--as-needed`,
 //!   which drops it, and then `tch::Cuda::is_available()` is false even on a GPU machine.
 //! - The libtorch version, for `d2l::versions()`.
+//! - For the `d2l` package, the c10d shim behind `d2l::dist` (`src/dist/shim.cpp`), compiled
+//!   against libtorch's headers with torch-sys's C++ ABI and gloo's headers (Debian's
+//!   `libgloo-dev`, which the torch wheel leaves out). Without those headers the crate builds
+//!   without it and `d2l::dist` says what to install.
 use std::env;
 use std::fs;
 use std::path::Path;
@@ -35,4 +39,62 @@ fn main() {
     if cuda && Path::new(&lib).join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
     }
+    println!("cargo::rustc-check-cfg=cfg(d2l_dist)");
+    if env::var("CARGO_PKG_NAME").is_ok_and(|n| n == "d2l") {
+        build_dist_shim(Path::new(&lib), cuda);
+    }
+}
+
+/// Where gloo's headers are: `D2L_GLOO_INCLUDE`, else the system's (`/usr/include/gloo`).
+fn gloo_include() -> Option<std::path::PathBuf> {
+    println!("cargo:rerun-if-env-changed=D2L_GLOO_INCLUDE");
+    let dir = env::var_os("D2L_GLOO_INCLUDE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| "/usr/include".into());
+    let header = dir.join("gloo/algorithm.h");
+    println!("cargo:rerun-if-changed={}", header.display());
+    header.exists().then_some(dir)
+}
+
+fn build_dist_shim(lib: &Path, cuda: bool) {
+    let shim = "src/dist/shim.cpp";
+    println!("cargo:rerun-if-changed={shim}");
+    let include = lib.join("..").join("include");
+    let c10d = include.join("torch/csrc/distributed/c10d/ProcessGroupGloo.hpp");
+    let Some(gloo) = gloo_include() else {
+        println!(
+            "cargo:warning=d2l::dist (torch.distributed) is off: gloo's headers are missing; \
+             install them (apt install libgloo-dev, or python3 scripts/setup.py) and rebuild"
+        );
+        return;
+    };
+    if !c10d.exists() {
+        println!("cargo:warning=d2l::dist is off: this libtorch has no c10d headers");
+        return;
+    }
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    let abi = env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_owned());
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .file(shim)
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .include(gloo)
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+        .define("USE_DISTRIBUTED", None)
+        .define("USE_C10D_GLOO", None)
+        .define("GLOG_USE_GLOG_EXPORT", None)
+        .warnings(false);
+    // NCCL with the CUDA install, where the NCCL wheel's header is there.
+    let nccl = lib.join("../../nvidia/nccl/include");
+    if cuda && nccl.join("nccl.h").exists() && lib.join("libtorch_cuda.so").exists() {
+        build
+            .define("USE_C10D_NCCL", None)
+            .define("D2L_WITH_NCCL", None)
+            .include(nccl);
+    }
+    build.compile("d2l_dist_shim");
+    println!("cargo:rustc-cfg=d2l_dist");
 }

@@ -8,7 +8,9 @@ What it installs and where (D2L_HOME, default ~/.cache/d2l-rs, keyed by version)
     launcher that gives each kernel a persistent build folder, compiled ahead here (`warm_kernel`),
 and in this checkout:
   - .cargo/config.toml, so plain `cargo build/test/run` find libtorch,
-  - .d2l/venv, a link to the venv.
+  - .d2l/venv, a link to the venv,
+and on the system: Debian's libgloo-dev (gloo's headers, which the torch wheel leaves out), for
+the c10d shim behind d2l::dist; where it cannot install it, it says in one line what to run.
 
 A second run checks and does nothing. `--check` only checks and says in one line what to run.
 """
@@ -380,6 +382,33 @@ def link(path, target):
 # ---------------------------------------------------------------------------------------------
 
 
+# gloo's headers for d2l::dist's c10d shim (crate/build.rs looks in D2L_GLOO_INCLUDE, else here).
+GLOO_PACKAGE = "libgloo-dev"
+GLOO_HEADER = Path("/usr/include/gloo/algorithm.h")
+
+
+def ensure_gloo(check_only=False):
+    """Installs gloo's headers with apt where they are missing; where it cannot, says how."""
+    if GLOO_HEADER.exists() or os.environ.get("D2L_GLOO_INCLUDE"):
+        return
+    hint = f"d2l::dist needs gloo's headers: run `sudo apt-get install {GLOO_PACKAGE}` (or set D2L_GLOO_INCLUDE), then rebuild"
+    if check_only:
+        raise SetupError(hint)
+    sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
+    if not shutil.which("apt-get") or (sudo and not shutil.which("sudo")):
+        say(f"warning: {hint}")
+        return
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    install = sudo + ["apt-get", "install", "-y", "--no-install-recommends", GLOO_PACKAGE]
+    say(f"installing {GLOO_PACKAGE} (gloo's headers, for d2l::dist)")
+    ok = subprocess.run(install, env=env, stdout=subprocess.DEVNULL).returncode == 0
+    if not ok:
+        subprocess.run(sudo + ["apt-get", "update"], env=env, stdout=subprocess.DEVNULL)
+        ok = subprocess.run(install, env=env, stdout=subprocess.DEVNULL).returncode == 0
+    if not ok or not GLOO_HEADER.exists():
+        say(f"warning: {hint}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--torch", choices=["auto", "cpu", "cuda"], default=os.environ.get("D2L_TORCH", "auto"),
@@ -406,6 +435,7 @@ def main():
         tdir = check_venv(venv, spec, variant)
         if not evcxr_binary(home, spec["evcxr_jupyter"]).exists():
             raise SetupError(f"evcxr_jupyter {spec['evcxr_jupyter']} is not installed: run `{SETUP}`")
+        ensure_gloo(check_only=True)
         return
 
     check_python(spec)
@@ -423,6 +453,7 @@ def main():
         if evcxr_build is not None:
             evcxr_build.stop()
         raise
+    ensure_gloo()
     install_kernelspec(venv, spec, tdir, evcxr, variant, home)
     write_cargo_config(tdir, variant)
     link(ROOT / ".d2l" / "venv", venv)

@@ -101,6 +101,10 @@ pub enum Error {
         what: &'static str,
         source: std::io::Error,
     },
+    /// A collective or the rendezvous of distributed training failed (a rank stopped, the
+    /// master is unreachable, a timeout); the message says what to check.
+    #[error("{what}: {msg}")]
+    Distributed { what: String, msg: String },
     /// This libtorch or machine cannot do what was asked.
     #[error("{what}")]
     Unsupported { what: String },

@@ -19,6 +19,7 @@
 pub mod data;
 mod device;
 mod display;
+pub mod dist;
 mod error;
 pub mod files;
 pub mod model;
