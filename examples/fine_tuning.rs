@@ -13,14 +13,31 @@
 //! Figures, with each training run's history beside its curves, go to `$D2L_OUT/figures`
 //! (default `target/fine-tuning/figures`). Ctrl-C stops after the current step; a second
 //! Ctrl-C quits at once.
+//!
+//! Distributed data-parallel training, each process its share of every batch (the notebook
+//! itself stays one process): `--nproc N` runs N processes on this machine, or launch it with
+//! PyTorch's launcher, on one machine or several:
+//!
+//! ```text
+//! cargo run --release --example fine_tuning -- --nproc 2
+//! torchrun --no-python --nproc-per-node 2 target/release/examples/fine_tuning
+//! torchrun --no-python --nnodes 2 --node-rank 0 --master-addr HOST --master-port 29500 //!     --nproc-per-node 8 target/release/examples/fine_tuning
+//! ```
+//! Rank 0 prints and saves the figures; the result lines are the whole group's.
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    if let Some(launched) = d2l::dist::launch_from_args() {
+        return launched.unwrap_or_else(|e| d2l::exit_code(Err(e)));
+    }
     d2l::exit_code(run())
 }
 
 fn run() -> d2l::Result<()> {
     d2l::train::install_ctrl_c_handler()?;
+    // Under torchrun or --nproc: join the group (train_ch13 then trains across it).
+    d2l::dist::init_process_group()?;
+    d2l::dist::quiet_unless_main()?;
     let out = std::env::var_os("D2L_OUT").map_or_else(
         || std::path::PathBuf::from("target/fine-tuning"),
         std::path::PathBuf::from,

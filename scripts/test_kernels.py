@@ -37,7 +37,7 @@ SETTINGS = [
 ]
 # Test binaries whose results cannot depend on libtorch's kernels (archives, downloads, caches,
 # processes and faults): the first row runs them, the other rows leave them out.
-KERNEL_FREE = {"archive_bombs", "cache_concurrency", "cache_faults", "download", "download_hub"}
+KERNEL_FREE = {"archive_bombs", "cache_concurrency", "cache_faults", "ddp", "dist", "download", "download_hub"}
 
 # What ATen needs of the CPU for its avx512 kernels (aten/src/ATen/native/DispatchStub.cpp).
 AVX512_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq"}

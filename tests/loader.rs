@@ -201,3 +201,56 @@ fn a_panicking_transform_fails_its_batch_and_the_epoch_goes_on() {
         assert!(errors.iter().all(|e| e.contains("panicked")), "{errors:?}");
     }
 }
+
+#[test]
+fn ranks_read_their_chunks_of_the_same_batches_one_process_reads() {
+    // 14 images in batches of 4 (the last of 2): 3 ranks split each as torch.chunk does
+    // (2+2+0, the last 1+1+0), with the same samples and augmentations as one process.
+    let dir = tempfile::tempdir().unwrap();
+    let set = tiny_set(dir.path());
+    let make = |workers| {
+        DataLoader::new(set.clone(), train_augs(), 4)
+            .unwrap()
+            .shuffle(true)
+            .seed(7)
+            .num_workers(workers)
+    };
+    let whole = epoch(&make(0));
+    for world in [2usize, 3] {
+        for workers in [0, 2] {
+            let shares: Vec<Vec<(Tensor, Tensor)>> = (0..world)
+                .map(|rank| {
+                    let loader = make(workers);
+                    loader.set_shard(rank, world).unwrap();
+                    assert_eq!(loader.len(), 4);
+                    epoch(&loader)
+                })
+                .collect();
+            for (b, (x, y)) in whole.iter().enumerate() {
+                let xs: Vec<&Tensor> = shares
+                    .iter()
+                    .map(|s| &s[b].0)
+                    .filter(|t| t.size()[0] > 0)
+                    .collect();
+                let ys: Vec<&Tensor> = shares
+                    .iter()
+                    .map(|s| &s[b].1)
+                    .filter(|t| t.size()[0] > 0)
+                    .collect();
+                let want: Vec<i64> = x
+                    .chunk(world as i64, 0)
+                    .iter()
+                    .map(|c| c.size()[0])
+                    .collect();
+                let got: Vec<i64> = xs.iter().map(|t| t.size()[0]).collect();
+                assert_eq!(got, want, "{world} ranks, batch {b}: torch.chunk's sizes");
+                assert!(
+                    Tensor::cat(&xs, 0).equal(x),
+                    "{world} ranks, {workers} workers, batch {b}"
+                );
+                assert!(Tensor::cat(&ys, 0).equal(y));
+            }
+        }
+    }
+    assert!(make(0).set_shard(2, 2).is_err());
+}

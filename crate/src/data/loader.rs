@@ -25,6 +25,11 @@ pub type Batch = (Tensor, Tensor);
 /// in an order drawn from `(seed, e)`, and sample `k` of epoch `e` is augmented with a random
 /// stream drawn from `(seed, e, k)`: the same seed gives the same batches whatever the number
 /// of workers. The last, partial batch is kept.
+///
+/// In distributed training ([`set_shard`](Self::set_shard), which `train_ch13` calls under a
+/// process group) each rank reads its share of every batch of that one order, as
+/// `torch.chunk` would split it, with the same random streams: the ranks together see exactly
+/// the batches one process would.
 pub struct DataLoader {
     dataset: Arc<ImageFolder>,
     transform: Arc<Compose>,
@@ -35,6 +40,8 @@ pub struct DataLoader {
     prefetch: usize,
     pin_memory: bool,
     epoch: AtomicU64,
+    /// (rank, world size): this process's share of each batch.
+    shard: Mutex<(usize, usize)>,
 }
 
 impl DataLoader {
@@ -54,6 +61,7 @@ impl DataLoader {
             prefetch: 2,
             pin_memory: false,
             epoch: AtomicU64::new(0),
+            shard: Mutex::new((0, 1)),
         })
     }
 
@@ -90,6 +98,25 @@ impl DataLoader {
         self
     }
 
+    /// Read only rank `rank`'s share of each batch, of `world` ranks (distributed training):
+    /// batch `b` is split into `world` chunks as `torch.chunk` splits it, and this rank gets
+    /// chunk `rank` (empty when a small last batch has fewer chunks). `(0, 1)` reads it all.
+    pub fn set_shard(&self, rank: usize, world: usize) -> Result<()> {
+        if world == 0 || rank >= world {
+            return Err(Error::arg(
+                "DataLoader::set_shard",
+                format!("rank {rank} is outside a world of {world}"),
+            ));
+        }
+        *lock(&self.shard) = (rank, world);
+        Ok(())
+    }
+
+    /// (rank, world size) of [`set_shard`](Self::set_shard).
+    pub fn shard(&self) -> (usize, usize) {
+        *lock(&self.shard)
+    }
+
     /// Start counting epochs from `epoch` (to resume a run).
     pub fn set_epoch(&self, epoch: u64) {
         self.epoch.store(epoch, Ordering::SeqCst);
@@ -124,11 +151,14 @@ impl DataLoader {
                 u64::MAX,
             )));
         }
+        let (rank, world) = self.shard();
+        let (order, keys, bounds) = shard(order, self.batch_size, rank, world);
         let plan = Arc::new(Plan {
             dataset: self.dataset.clone(),
             transform: self.transform.clone(),
             order,
-            batch_size: self.batch_size,
+            keys,
+            bounds,
             seed: self.seed,
             epoch,
             pin_memory: self.pin_memory && tch::Cuda::is_available(),
@@ -154,12 +184,47 @@ impl IntoIterator for &DataLoader {
     }
 }
 
+/// This rank's part of an epoch's `order`: the samples it reads, their positions in the whole
+/// order (which key their random streams), and where each batch starts among them
+/// (`bounds[b]..bounds[b + 1]`, one entry a batch of the whole epoch, plus the end).
+fn shard(
+    order: Vec<usize>,
+    batch_size: usize,
+    rank: usize,
+    world: usize,
+) -> (Vec<usize>, Option<Vec<usize>>, Vec<usize>) {
+    let n = order.len();
+    let num_batches = n.div_ceil(batch_size);
+    if world <= 1 {
+        let mut bounds: Vec<usize> = (0..num_batches).map(|b| b * batch_size).collect();
+        bounds.push(n);
+        return (order, None, bounds);
+    }
+    let (mut mine, mut keys, mut bounds) = (Vec::new(), Vec::new(), Vec::new());
+    for b in 0..num_batches {
+        let (start, end) = (b * batch_size, ((b + 1) * batch_size).min(n));
+        // torch.chunk: chunks of ceil(len / world); the last ones may be short or missing.
+        let chunk = (end - start).div_ceil(world);
+        let from = (start + rank * chunk).min(end);
+        let to = (from + chunk).min(end);
+        bounds.push(mine.len());
+        mine.extend_from_slice(&order[from..to]);
+        keys.extend(from..to);
+    }
+    bounds.push(mine.len());
+    (mine, Some(keys), bounds)
+}
+
 /// What one epoch reads, shared by its workers.
 struct Plan {
     dataset: Arc<ImageFolder>,
     transform: Arc<Compose>,
+    /// The samples this process reads, in order.
     order: Vec<usize>,
-    batch_size: usize,
+    /// Each one's position in the whole epoch's order (`None`: the same as in `order`).
+    keys: Option<Vec<usize>>,
+    /// Where batch `b` starts in `order`; the last entry is the end.
+    bounds: Vec<usize>,
     seed: u64,
     epoch: u64,
     pin_memory: bool,
@@ -168,15 +233,20 @@ struct Plan {
 impl Plan {
     /// The samples of batch `b`: positions in `order`.
     fn positions(&self, b: usize) -> std::ops::Range<usize> {
-        let start = b * self.batch_size;
-        start..(start + self.batch_size).min(self.order.len())
+        self.bounds[b]..self.bounds[b + 1]
+    }
+
+    /// The batch that position `k` of `order` is in.
+    fn batch_of(&self, k: usize) -> usize {
+        self.bounds.partition_point(|&start| start <= k) - 1
     }
 
     /// Sample `k` of the epoch, decoded and transformed, with its label. A panic in decoding or
     /// in a transform becomes an error for the sample's batch, on every thread alike.
     fn sample(&self, k: usize) -> Result<(ImageTensor, i64)> {
         let (path, label) = &self.dataset.samples()[self.order[k]];
-        let mut rng = ChaCha8Rng::seed_from_u64(mix(self.seed, self.epoch, k as u64));
+        let key = self.keys.as_ref().map_or(k, |keys| keys[k]);
+        let mut rng = ChaCha8Rng::seed_from_u64(mix(self.seed, self.epoch, key as u64));
         let transformed = std::panic::catch_unwind(AssertUnwindSafe(|| {
             self.transform
                 .apply(Sample::Image(load_rgb(path)?), &mut rng)
@@ -376,7 +446,7 @@ impl Shared {
             if k >= plan.order.len() || self.stop.load(Ordering::SeqCst) {
                 return;
             }
-            let b = k / plan.batch_size;
+            let b = plan.batch_of(k);
             {
                 let mut consumed = lock(&self.consumed);
                 while b >= *consumed + self.ahead && !self.stop.load(Ordering::SeqCst) {
@@ -487,6 +557,14 @@ fn keep_freed_memory() {
     }
 }
 
+/// A batch of no samples: `[0, 3, 0, 0]` images and `[0]` labels.
+fn empty_batch() -> Result<Batch> {
+    Ok((
+        Tensor::f_zeros([0, 3, 0, 0], (Kind::Float, Device::Cpu))?,
+        Tensor::f_zeros([0], (Kind::Int64, Device::Cpu))?,
+    ))
+}
+
 /// Stacks `[3, h, w]` images of one size into a `[n, 3, h, w]` tensor with a single copy.
 fn stack(images: &[ImageTensor]) -> Result<Tensor> {
     let (h, w) = images.first().map_or((0, 0), |t| (t.height, t.width));
@@ -540,6 +618,10 @@ impl Iterator for Batches {
         }
         let b = self.next;
         self.next += 1;
+        if self.plan.positions(b).is_empty() {
+            // A rank's share of a last batch too small to reach it (distributed training).
+            return Some(empty_batch());
+        }
         Some(match &mut self.workers {
             Some(workers) => workers.take(b),
             None => self.plan.batch(b),

@@ -235,6 +235,9 @@ impl Animator {
             self.display_inline()?;
             return Ok(None);
         }
+        if !crate::dist::is_main_process() {
+            return Ok(None); // rank 0 saves the group's figures
+        }
         let dir = super::figures_dir();
         let (svg, png) = (
             dir.join(format!("{name}.svg")),

@@ -110,10 +110,14 @@ impl Png {
     }
 
     /// In a notebook, shows the image as the cell's output; elsewhere saves `name.png` into
-    /// [`figures_dir`] and prints where. Returns the saved path outside a notebook.
+    /// [`figures_dir`] and prints where (in distributed training, rank 0 only). Returns the
+    /// saved path outside a notebook.
     pub fn show(&self, name: &str) -> Result<Option<PathBuf>> {
         if in_notebook() {
             self.evcxr_display();
+            return Ok(None);
+        }
+        if !crate::dist::is_main_process() {
             return Ok(None);
         }
         let path = figures_dir().join(format!("{name}.png"));

@@ -34,17 +34,41 @@ pub fn evaluate_accuracy_with(
     device: tch::Device,
     opts: &StepOptions,
 ) -> Result<f64> {
+    let (correct, total) = count_correct(net, data_iter, device, opts)?;
+    Ok(correct / total.max(1.0))
+}
+
+/// Correct predictions and examples over `data_iter` (this rank's share of it, when sharded).
+fn count_correct(
+    net: &impl ModuleT,
+    data_iter: &DataLoader,
+    device: tch::Device,
+    opts: &StepOptions,
+) -> Result<(f64, f64)> {
     let mut metric = Accumulator::new(2);
     tch::no_grad(|| -> Result<()> {
         for batch in data_iter {
             let (x, y) = batch?;
+            if x.size().first() == Some(&0) {
+                continue; // an empty share (distributed evaluation)
+            }
             let (x, y) = (to_device(&x, device, opts)?, y.f_to_device(device)?);
             let correct = with_precision(opts.bf16, || accuracy(&net.forward_t(&x, false), &y))?;
             metric.add(&[correct, y.numel() as f64]);
         }
         Ok(())
     })?;
-    Ok(metric[0] / metric[1].max(1.0))
+    Ok((metric[0], metric[1]))
+}
+
+/// The sums of `values` over the ranks of `group` (the values themselves without one).
+fn sum_over_ranks(group: Option<&crate::dist::ProcessGroup>, values: &[f64]) -> Result<Vec<f64>> {
+    let Some(group) = group else {
+        return Ok(values.to_vec());
+    };
+    let t = tch::Tensor::f_from_slice(values)?;
+    group.all_reduce(&[&t], crate::dist::ReduceOp::Sum)?;
+    Ok(Vec::<f64>::try_from(&t)?)
 }
 
 /// The batches after which `train_ch13` records a point: every `num_batches / 5`-th and the
@@ -198,7 +222,16 @@ pub fn train_ch13_with<N: Replicate>(
     if opts.step.channels_last {
         convert_channels_last(net)?;
     }
-    let mut parallel = DataParallel::new(net, devices)?;
+    let mut parallel = DataParallel::new(net, devices)?.distributed(crate::dist::default_group())?;
+    // Under a process group: each rank its share of every batch, rank 0 speaking for all.
+    let group = parallel.group().cloned();
+    let (rank, world) = group
+        .as_ref()
+        .map_or((0, 1), |g| (g.rank(), g.world_size()));
+    train_iter.set_shard(rank, world)?;
+    test_iter.set_shard(rank, world)?;
+    let _unshard = Unshard([train_iter, test_iter]);
+    let quiet = opts.quiet || rank != 0;
     let mut timer = Timer::new();
     let num_batches = train_iter.len();
     let points_at = plot_points(num_batches);
@@ -230,11 +263,17 @@ pub fn train_ch13_with<N: Replicate>(
             seen += y.size()[0] as f64;
             if points_at.contains(&i) {
                 let x = epoch as f64 + (i + 1) as f64 / num_batches as f64;
-                let (train_loss, train_acc) = (metric[0] / metric[2], metric[1] / metric[3]);
+                // The whole group's numbers (every rank is at this batch).
+                let m = sum_over_ranks(
+                    group.as_deref(),
+                    &[metric[0], metric[1], metric[2], metric[3], seen],
+                )?;
+                let (train_loss, train_acc) = (m[0] / m[2], m[1] / m[3]);
+                let seen = m[4];
                 let done = epoch * num_batches + i + 1;
                 let elapsed = start.elapsed().as_secs_f64();
                 let eta = elapsed / done as f64 * (total_batches - done) as f64;
-                if !opts.quiet {
+                if !quiet {
                     println!(
                         "epoch {x:.2}/{num_epochs} (batch {}/{num_batches}): loss {train_loss:.3}, train acc {train_acc:.3}, \
                          {:.1} examples/sec, {elapsed:.0} s elapsed, ETA {eta:.0} s",
@@ -252,9 +291,11 @@ pub fn train_ch13_with<N: Replicate>(
             waiting = std::time::Instant::now();
         }
         let evaluating = std::time::Instant::now();
-        test_acc = evaluate_accuracy_with(net, test_iter, devices[0], &opts.step)?;
+        let (correct, total) = count_correct(net, test_iter, devices[0], &opts.step)?;
+        let counts = sum_over_ranks(group.as_deref(), &[correct, total])?;
+        test_acc = counts[0] / counts[1].max(1.0);
         timing.eval_s += evaluating.elapsed().as_secs_f64();
-        if !opts.quiet {
+        if !quiet {
             println!("epoch {}/{num_epochs}: test acc {test_acc:.3}", epoch + 1);
         }
         points.push(Point {
@@ -264,7 +305,7 @@ pub fn train_ch13_with<N: Replicate>(
             test_acc: Some(test_acc),
         });
     }
-    let devices_repr = format!(
+    let mut devices_repr = format!(
         "[{}]",
         devices
             .iter()
@@ -272,6 +313,14 @@ pub fn train_ch13_with<N: Replicate>(
             .collect::<Vec<_>>()
             .join(", ")
     );
+    if world > 1 {
+        devices_repr = format!("{devices_repr} x {world} processes");
+    }
+    // The group's totals: examples and the loss and accuracy sums of the last epoch.
+    let m = sum_over_ranks(
+        group.as_deref(),
+        &[metric[0], metric[1], metric[2], metric[3]],
+    )?;
     let mut config = opts.config.clone();
     for (k, v) in [
         ("num_epochs", num_epochs.to_string()),
@@ -282,16 +331,17 @@ pub fn train_ch13_with<N: Replicate>(
         ("learning_rates", format!("{:?}", trainer.learning_rates())),
         ("bf16", opts.step.bf16.to_string()),
         ("channels_last", opts.step.channels_last.to_string()),
+        ("processes", world.to_string()),
     ] {
         config.entry(k.to_owned()).or_insert(v);
     }
     let history = History {
         points,
         num_epochs,
-        train_loss: metric[0] / metric[2].max(1.0),
-        train_acc: metric[1] / metric[3].max(1.0),
+        train_loss: m[0] / m[2].max(1.0),
+        train_acc: m[1] / m[3].max(1.0),
         test_acc,
-        examples_per_sec: metric[2] * num_epochs as f64 / timer.sum().max(1e-9),
+        examples_per_sec: m[2] * num_epochs as f64 / timer.sum().max(1e-9),
         devices: devices_repr,
         config,
         timing: Timing {
@@ -301,10 +351,12 @@ pub fn train_ch13_with<N: Replicate>(
         },
         settings: Settings::current(),
     };
-    for line in history.result_lines() {
-        println!("{line}");
+    if rank == 0 {
+        for line in history.result_lines() {
+            println!("{line}");
+        }
     }
-    if !opts.no_figure {
+    if !opts.no_figure && rank == 0 {
         let name = opts
             .figure
             .clone()
@@ -317,4 +369,15 @@ pub fn train_ch13_with<N: Replicate>(
         }
     }
     Ok(history)
+}
+
+/// Puts loaders back to reading whole batches when training ends (also by an error).
+struct Unshard<'a>([&'a DataLoader; 2]);
+
+impl Drop for Unshard<'_> {
+    fn drop(&mut self) {
+        for loader in self.0 {
+            let _ = loader.set_shard(0, 1);
+        }
+    }
 }

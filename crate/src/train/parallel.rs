@@ -1,11 +1,12 @@
 //! Data parallel training like `nn.DataParallel`, and the CUDA speed options (bf16 autocast,
 //! channels-last).
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use tch::nn::{ModuleT, VarStore};
 use tch::{Device, Kind, Tensor};
 
 use super::{accuracy, Loss, Trainer};
+use crate::dist::{ProcessGroup, ReduceOp};
 use crate::error::{Error, Result};
 
 /// A model that can be copied onto another device, so that [`DataParallel`] (and `train_ch13`
@@ -201,11 +202,24 @@ struct Replica<N> {
 /// sums the gradients onto the first device and takes one optimiser step there; the replicas
 /// get the new values before the next step. As in PyTorch, BatchNorm normalises each chunk with
 /// its own statistics and the running statistics come from the first device's chunk.
+///
+/// With a process group ([`DataParallel::distributed`]; `train_ch13` passes the default one
+/// of [`crate::dist::init_process_group`]) it is also PyTorch's
+/// `DistributedDataParallel`: each process holds the model, rank 0's parameters and buffers are
+/// copied to every rank at the start, each rank runs its share of the batch, and after backward
+/// the gradients are added across the ranks in buckets of about 25 MB (PyTorch's
+/// `bucket_cap_mb`), so that every rank takes the same step. They are summed, not averaged as
+/// PyTorch's DDP does: the chapter's loss is a sum over the batch, and the sum makes the step the
+/// one a single process takes over the whole batch (as the devices' gradients are summed here).
+/// Before each forward the buffers (BatchNorm's running statistics) come from rank 0, as DDP's
+/// `broadcast_buffers`; BatchNorm normalises each rank's share with its own statistics (no
+/// `SyncBatchNorm`), as on several devices.
 pub struct DataParallel<'a, N: Replicate> {
     net: &'a N,
     device: Device,
     tensors: Vec<Tensor>,
     replicas: Vec<Replica<N>>,
+    group: Option<Arc<ProcessGroup>>,
 }
 
 impl<'a, N: Replicate> DataParallel<'a, N> {
@@ -245,7 +259,25 @@ impl<'a, N: Replicate> DataParallel<'a, N> {
             device,
             tensors,
             replicas,
+            group: None,
         })
+    }
+
+    /// Trains across the processes of `group` as well (PyTorch's `DistributedDataParallel`):
+    /// copies rank 0's parameters and buffers to every rank now; from then on each step sums the
+    /// gradients across the ranks. `None` changes nothing.
+    pub fn distributed(mut self, group: Option<Arc<ProcessGroup>>) -> Result<Self> {
+        if let Some(g) = &group {
+            let all: Vec<&Tensor> = self.tensors.iter().collect();
+            sync_in_buckets(g, &all, Collective::Broadcast)?;
+        }
+        self.group = group;
+        Ok(self)
+    }
+
+    /// The process group this trains across, if any.
+    pub fn group(&self) -> Option<&Arc<ProcessGroup>> {
+        self.group.as_ref()
     }
 
     /// The number of devices.
@@ -285,8 +317,20 @@ pub fn train_batch_ch13<N: Replicate>(
     opts: &StepOptions,
 ) -> Result<(f64, f64)> {
     trainer.zero_grad()?;
+    if let Some(g) = &net.group {
+        let buffers: Vec<&Tensor> = net.tensors.iter().filter(|t| !t.requires_grad()).collect();
+        sync_in_buckets(g, &buffers, Collective::Broadcast)?;
+    }
+    if x.size().first() == Some(&0) {
+        // This rank's share of a small last batch is empty: it only joins the reduction.
+        define_grads(&net.tensors)?;
+        all_reduce_grads(net)?;
+        trainer.step()?;
+        return Ok((0.0, 0.0));
+    }
     if net.replicas.is_empty() {
         let r = forward_backward(net.net, x, y, net.device, loss, opts)?;
+        all_reduce_grads(net)?;
         trainer.step()?;
         return Ok(r);
     }
@@ -342,8 +386,9 @@ pub fn train_batch_ch13<N: Replicate>(
         }
         Ok(())
     })?;
+    all_reduce_grads(net)?;
     trainer.step()?;
-    for r in rest.iter_mut() {
+    for r in net.replicas[..used - 1].iter_mut() {
         for t in &mut r.tensors {
             t.zero_grad();
         }
@@ -351,4 +396,100 @@ pub fn train_batch_ch13<N: Replicate>(
     Ok(results
         .iter()
         .fold((0.0, 0.0), |(l, a), (rl, ra)| (l + rl, a + ra)))
+}
+
+/// What [`sync_in_buckets`] does with each bucket.
+#[derive(Clone, Copy)]
+enum Collective {
+    /// Rank 0's values to every rank.
+    Broadcast,
+    /// The sum over the ranks, to every rank.
+    Sum,
+}
+
+/// Most bytes in one flat buffer sent to a collective (PyTorch DDP's `bucket_cap_mb = 25`).
+const BUCKET_BYTES: usize = 25 << 20;
+
+/// Broadcasts or sums `tensors` across the group, packed into flat buckets of one kind and
+/// device (fewer, larger messages; any memory layout), then copied back in place.
+fn sync_in_buckets(group: &ProcessGroup, tensors: &[&Tensor], how: Collective) -> Result<()> {
+    let mut buckets: Vec<Vec<&Tensor>> = Vec::new();
+    let mut bytes = 0;
+    for &t in tensors {
+        let size = t.numel() * t.kind().elt_size_in_bytes();
+        let fits = buckets.last().is_some_and(|b| {
+            let first = b[0];
+            first.kind() == t.kind() && first.device() == t.device() && bytes + size <= BUCKET_BYTES
+        });
+        if !fits {
+            buckets.push(Vec::new());
+            bytes = 0;
+        }
+        buckets.last_mut().expect("pushed above").push(t);
+        bytes += size;
+    }
+    tch::no_grad(|| -> Result<()> {
+        for bucket in &buckets {
+            let flat: Vec<Tensor> = bucket
+                .iter()
+                .map(|t| t.f_reshape([-1]))
+                .collect::<std::result::Result<_, _>>()?;
+            let flat = Tensor::f_cat(&flat, 0)?;
+            match how {
+                Collective::Broadcast => group.broadcast(&[&flat], 0)?,
+                Collective::Sum => group.all_reduce(&[&flat], ReduceOp::Sum)?,
+            }
+            let mut at = 0;
+            for t in bucket {
+                let n = t.numel() as i64;
+                let mut dst = t.shallow_clone();
+                dst.f_copy_(&flat.f_narrow(0, at, n)?.f_view(t.size().as_slice())?)?;
+                at += n;
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Gives every trainable tensor a gradient (zeros where backward gave none), so that every rank
+/// sends the same buckets.
+fn define_grads(tensors: &[Tensor]) -> Result<()> {
+    let missing: Vec<&Tensor> = tensors
+        .iter()
+        .filter(|t| t.requires_grad() && !t.grad().defined())
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let zero = missing
+        .iter()
+        .map(|t| t.f_sum(t.kind()).and_then(|s| s.f_mul_scalar(0.0)))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let total = zero
+        .into_iter()
+        .try_fold(None::<Tensor>, |acc, z| -> Result<Option<Tensor>> {
+            Ok(Some(match acc {
+                None => z,
+                Some(a) => a.f_add(&z.f_to_device(a.device())?)?,
+            }))
+        })?
+        .expect("not empty");
+    total.f_backward()?;
+    Ok(())
+}
+
+/// Under a process group, the first device's gradients summed across the ranks.
+fn all_reduce_grads<N: Replicate>(net: &DataParallel<'_, N>) -> Result<()> {
+    let Some(group) = &net.group else {
+        return Ok(());
+    };
+    define_grads(&net.tensors)?;
+    let grads: Vec<Tensor> = net
+        .tensors
+        .iter()
+        .filter(|t| t.requires_grad())
+        .map(|t| t.grad())
+        .collect();
+    let refs: Vec<&Tensor> = grads.iter().collect();
+    sync_in_buckets(group, &refs, Collective::Sum)
 }
