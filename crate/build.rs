@@ -87,13 +87,31 @@ fn build_dist_shim(lib: &Path, cuda: bool) {
         .define("USE_C10D_GLOO", None)
         .define("GLOG_USE_GLOG_EXPORT", None)
         .warnings(false);
-    // NCCL with the CUDA install, where the NCCL wheel's header is there.
-    let nccl = lib.join("../../nvidia/nccl/include");
-    if cuda && nccl.join("nccl.h").exists() && lib.join("libtorch_cuda.so").exists() {
-        build
-            .define("USE_C10D_NCCL", None)
-            .define("D2L_WITH_NCCL", None)
-            .include(nccl);
+    // NCCL with the CUDA install: ProcessGroupNCCL's header needs NCCL's (the nccl wheel) and
+    // CUDA's (the runtime, crt and cccl wheels, all under nvidia/cu13/include).
+    let nvidia = lib.join("../../nvidia");
+    let (nccl, cuda_inc) = (nvidia.join("nccl/include"), nvidia.join("cu13/include"));
+    let have = |p: &Path| {
+        println!("cargo:rerun-if-changed={}", p.display());
+        p.exists()
+    };
+    if cuda && lib.join("libtorch_cuda.so").exists() {
+        if have(&nccl.join("nccl.h"))
+            && have(&cuda_inc.join("cuda_runtime_api.h"))
+            && have(&cuda_inc.join("crt/host_config.h"))
+            && have(&cuda_inc.join("nv/target"))
+        {
+            build
+                .define("USE_C10D_NCCL", None)
+                .define("D2L_WITH_NCCL", None)
+                .include(nccl)
+                .include(cuda_inc);
+        } else {
+            println!(
+                "cargo:warning=d2l::dist: NCCL is off: the CUDA headers it needs are missing \
+                 (python3 scripts/setup.py --torch cuda installs them); Gloo only"
+            );
+        }
     }
     build.compile("d2l_dist_shim");
     println!("cargo:rustc-cfg=d2l_dist");

@@ -15,6 +15,10 @@
 //! went (`History::timing`: steps, waiting for batches, evaluation). `--device cuda` fails when
 //! no GPU is visible rather than measuring the CPU. `--no-im2col`: libtorch's convolution in
 //! every layer (see `d2l::model::set_cpu_im2col`), to compare with PyTorch kernel for kernel.
+//!
+//! `e2e --nproc N` (or under `torchrun --no-python --nproc-per-node N`): distributed
+//! data-parallel training over N processes at the same global `--batch`; rank 0 prints the line,
+//! with `timing.comm_s`, the seconds of the steps spent summing gradients across processes.
 use std::time::Instant;
 
 use d2l::data::transforms::*;
@@ -116,15 +120,23 @@ fn sync(device: Device) {
 }
 
 fn main() -> std::process::ExitCode {
+    if let Some(launched) = d2l::dist::launch_from_args() {
+        return launched.unwrap_or_else(|e| d2l::exit_code(Err(e)));
+    }
     d2l::exit_code(run())
 }
 
 fn run() -> d2l::Result<()> {
     let start = Instant::now();
-    let a = parse().map_err(|msg| d2l::Error::InvalidArgument {
+    let mut a = parse().map_err(|msg| d2l::Error::InvalidArgument {
         function: "bench_train",
         msg,
     })?;
+    let group = d2l::dist::init_process_group()?;
+    d2l::dist::quiet_unless_main()?;
+    if let (Some(g), Device::Cuda(_)) = (&group, a.device) {
+        a.device = Device::Cuda(g.local_rank() % d2l::num_gpus().max(1)); // a GPU a process
+    }
     d2l::tch::manual_seed(0);
     if a.threads > 0 {
         d2l::tch::set_num_threads(a.threads as i32);
@@ -244,6 +256,8 @@ fn run() -> d2l::Result<()> {
                 "process_s": start.elapsed().as_secs_f64(),
                 "test_acc": h.test_acc,
                 "timing": h.timing,
+                "processes": group.as_ref().map_or(1, |g| g.world_size()),
+                "threads": d2l::tch::get_num_threads(),
                 "bf16": a.step.bf16, "channels_last": a.step.channels_last, "im2col": a.im2col,
                 "device": format!("{:?}", a.device),
             })

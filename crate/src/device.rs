@@ -49,11 +49,15 @@ pub fn try_gpu(i: usize) -> Device {
 }
 
 /// All GPUs, or `[cpu]` when there are none (d2l 0.17's `try_all_gpus`; 1.0 returns `[]`,
-/// with which `train_ch13` cannot run).
+/// with which `train_ch13` cannot run). In distributed training (a default process group), this
+/// process's own GPU, `cuda:LOCAL_RANK`, as each of torchrun's processes drives one GPU.
 pub fn try_all_gpus() -> Devices {
     match num_gpus() {
         0 => Devices(vec![Device::Cpu]),
-        n => Devices((0..n).map(Device::Cuda).collect()),
+        n => match crate::dist::default_group() {
+            Some(g) => Devices(vec![Device::Cuda(g.local_rank() % n)]),
+            None => Devices((0..n).map(Device::Cuda).collect()),
+        },
     }
 }
 

@@ -127,6 +127,10 @@ pub struct Timing {
     pub data_wait_s: f64,
     /// The evaluations on the test set, its loading included.
     pub eval_s: f64,
+    /// Within the steps: the collectives of distributed training (gradients summed across the
+    /// processes, buffers from rank 0); 0 in one process.
+    #[serde(default)]
+    pub comm_s: f64,
 }
 
 /// Options of [`train_ch13_with`] beyond d2l's arguments.
@@ -347,6 +351,7 @@ pub fn train_ch13_with<N: Replicate>(
         timing: Timing {
             wall_s: start.elapsed().as_secs_f64(),
             step_s: timer.sum(),
+            comm_s: parallel.comm_seconds(),
             ..timing
         },
         settings: Settings::current(),

@@ -220,6 +220,8 @@ pub struct DataParallel<'a, N: Replicate> {
     tensors: Vec<Tensor>,
     replicas: Vec<Replica<N>>,
     group: Option<Arc<ProcessGroup>>,
+    /// Seconds spent in the group's collectives during steps (gradients and buffers).
+    comm_s: f64,
 }
 
 impl<'a, N: Replicate> DataParallel<'a, N> {
@@ -260,6 +262,7 @@ impl<'a, N: Replicate> DataParallel<'a, N> {
             tensors,
             replicas,
             group: None,
+            comm_s: 0.0,
         })
     }
 
@@ -273,6 +276,11 @@ impl<'a, N: Replicate> DataParallel<'a, N> {
         }
         self.group = group;
         Ok(self)
+    }
+
+    /// Seconds the steps spent in collectives across the group (0 without one).
+    pub fn comm_seconds(&self) -> f64 {
+        self.comm_s
     }
 
     /// The process group this trains across, if any.
@@ -318,8 +326,10 @@ pub fn train_batch_ch13<N: Replicate>(
 ) -> Result<(f64, f64)> {
     trainer.zero_grad()?;
     if let Some(g) = &net.group {
+        let t = std::time::Instant::now();
         let buffers: Vec<&Tensor> = net.tensors.iter().filter(|t| !t.requires_grad()).collect();
         sync_in_buckets(g, &buffers, Collective::Broadcast)?;
+        net.comm_s += t.elapsed().as_secs_f64();
     }
     if x.size().first() == Some(&0) {
         // This rank's share of a small last batch is empty: it only joins the reduction.
@@ -479,10 +489,11 @@ fn define_grads(tensors: &[Tensor]) -> Result<()> {
 }
 
 /// Under a process group, the first device's gradients summed across the ranks.
-fn all_reduce_grads<N: Replicate>(net: &DataParallel<'_, N>) -> Result<()> {
-    let Some(group) = &net.group else {
+fn all_reduce_grads<N: Replicate>(net: &mut DataParallel<'_, N>) -> Result<()> {
+    let Some(group) = net.group.clone() else {
         return Ok(());
     };
+    let start = std::time::Instant::now();
     define_grads(&net.tensors)?;
     let grads: Vec<Tensor> = net
         .tensors
@@ -491,5 +502,7 @@ fn all_reduce_grads<N: Replicate>(net: &DataParallel<'_, N>) -> Result<()> {
         .map(|t| t.grad())
         .collect();
     let refs: Vec<&Tensor> = grads.iter().collect();
-    sync_in_buckets(group, &refs, Collective::Sum)
+    sync_in_buckets(&group, &refs, Collective::Sum)?;
+    net.comm_s += start.elapsed().as_secs_f64();
+    Ok(())
 }
