@@ -129,6 +129,11 @@ fn rank_process() {
                     (0, 1),
                     "the loaders read whole batches again"
                 );
+                assert!(
+                    h.timing.comm_s > 0.0 && h.timing.comm_s < h.timing.step_s,
+                    "the collectives' time is part of the steps' time: {:?}",
+                    h.timing
+                );
                 Ok(format!(
                     "{} {} {} {} {}",
                     h.train_loss, h.train_acc, h.test_acc, h.config["train_examples"], h.devices
