@@ -6,7 +6,6 @@ mod common;
 mod numerics;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 
 use common::{chapter_sgd, ChildRun};
 use d2l::model::{resnet18, ResNet};
@@ -152,31 +151,11 @@ fn rank_process() {
 }
 
 fn run_ranks(role: &str, world: usize, out: &Path) -> Vec<ChildRun> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let children: Vec<_> = (0..world)
         .map(|rank| {
-            Command::new(std::env::current_exe().unwrap())
-                .args([
-                    "--exact",
-                    "rank_process",
-                    "--nocapture",
-                    "--test-threads=1",
-                    "-q",
-                ])
-                .env("D2L_TEST_ROLE", role)
+            common::rank_command(role, port, rank, world, 120)
                 .env("D2L_TEST_OUT", out)
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", port.to_string())
-                .env("RANK", rank.to_string())
-                .env("LOCAL_RANK", rank.to_string())
-                .env("WORLD_SIZE", world.to_string())
-                .env("D2L_DIST_TIMEOUT", "120")
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
                 .spawn()
                 .unwrap()
         })

@@ -6,39 +6,15 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::ChildRun;
+use common::{free_port, ChildRun};
 use d2l::dist::{ProcessGroup, ReduceOp};
 use d2l::tch::Tensor;
 
 /// A rank: this binary's `rank_process` test, with torchrun's variables.
 fn rank(role: &str, port: u16, rank: usize, world: usize, timeout_s: u32) -> Child {
-    Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "rank_process",
-            "--nocapture",
-            "--test-threads=1",
-            "-q",
-        ])
-        .env("D2L_TEST_ROLE", role)
-        .env("MASTER_ADDR", "127.0.0.1")
-        .env("MASTER_PORT", port.to_string())
-        .env("RANK", rank.to_string())
-        .env("LOCAL_RANK", rank.to_string())
-        .env("WORLD_SIZE", world.to_string())
-        .env("D2L_DIST_TIMEOUT", timeout_s.to_string())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+    common::rank_command(role, port, rank, world, timeout_s)
         .spawn()
         .unwrap()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Waits for a rank, killing it past `limit` (a hang is a failure, not a stall).

@@ -407,3 +407,41 @@ pub fn temporaries_below(dir: &Path) -> Vec<String> {
     out.sort();
     out
 }
+
+/// A free TCP port on 127.0.0.1 (free when asked; a rendezvous takes it soon after).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A command that runs this test binary's `rank_process` test as rank `rank` of `world` playing
+/// `role`, with torchrun's variables (master on 127.0.0.1:`port`) and a collective timeout.
+pub fn rank_command(
+    role: &str,
+    port: u16,
+    rank: usize,
+    world: usize,
+    timeout_s: u32,
+) -> std::process::Command {
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    cmd.args([
+        "--exact",
+        "rank_process",
+        "--nocapture",
+        "--test-threads=1",
+        "-q",
+    ])
+    .env("D2L_TEST_ROLE", role)
+    .env("MASTER_ADDR", "127.0.0.1")
+    .env("MASTER_PORT", port.to_string())
+    .env("RANK", rank.to_string())
+    .env("LOCAL_RANK", rank.to_string())
+    .env("WORLD_SIZE", world.to_string())
+    .env("D2L_DIST_TIMEOUT", timeout_s.to_string())
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped());
+    cmd
+}
