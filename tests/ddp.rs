@@ -128,6 +128,24 @@ fn rank_process() {
                     (0, 1),
                     "the loaders read whole batches again"
                 );
+                // Rank 0 writes the checkpoint (with its running statistics); every rank can
+                // load it once save_checkpoint returns.
+                let classes = vec!["hotdog".to_owned(), "not-hotdog".to_owned()];
+                let (weights, _) = d2l::model::save_checkpoint(
+                    &net,
+                    out.join("ckpt"),
+                    &classes,
+                    (32, 32),
+                    Default::default(),
+                )?;
+                let clf = d2l::model::Classifier::load(&weights, Device::Cpu)?;
+                if rank == 0 {
+                    for ((n, saved), (_, mine)) in
+                        clf.net().named_tensors().iter().zip(net.named_tensors())
+                    {
+                        assert!(saved.equal(&mine), "the checkpoint's {n} is not rank 0's");
+                    }
+                }
                 assert!(
                     h.timing.comm_s > 0.0 && h.timing.comm_s < h.timing.step_s,
                     "the collectives' time is part of the steps' time: {:?}",

@@ -70,6 +70,10 @@ fn sha256_file(path: &Path) -> Result<String> {
 
 /// Saves `net` as a checkpoint named `stem` with the chapter's test transform (`Resize` to
 /// `resize`, `CenterCrop` to `crop`, ImageNet normalisation). Returns the two paths.
+///
+/// In distributed training (a default process group) rank 0 writes it (its running statistics
+/// are the ones training kept) and every rank waits for that at a barrier, so that any rank may
+/// load it next.
 pub fn save_checkpoint(
     net: &ResNet,
     stem: impl AsRef<Path>,
@@ -94,6 +98,26 @@ pub fn save_checkpoint(
             format!("crop {crop} must be between 1 and resize {resize}"),
         ));
     }
+    let group = crate::dist::default_group();
+    let written = if group.as_ref().is_none_or(|g| g.rank() == 0) {
+        write_checkpoint(net, stem, classes, (resize, crop), notes)
+    } else {
+        Ok(checkpoint_paths(stem))
+    };
+    if let Some(g) = &group {
+        // Also after a failed write on rank 0, so that no rank waits for it in vain.
+        g.barrier()?;
+    }
+    written
+}
+
+fn write_checkpoint(
+    net: &ResNet,
+    stem: &Path,
+    classes: &[String],
+    (resize, crop): (u32, u32),
+    notes: BTreeMap<String, String>,
+) -> Result<(PathBuf, PathBuf)> {
     let (weights, json) = checkpoint_paths(stem);
     let dir = match weights.parent().filter(|d| !d.as_os_str().is_empty()) {
         Some(d) => d.to_owned(),
