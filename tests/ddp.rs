@@ -83,6 +83,35 @@ fn rank_process() {
                 Tensor::write_safetensors(&named, out.join(format!("rank{rank}.safetensors")))?;
                 Ok(format!("{losses:?}"))
             }
+            // A global batch of one image: rank 1's share is empty; it joins the sum with zero
+            // gradients, and both ranks take the same step.
+            "empty_share" => {
+                let (_vs, net) = load(&out.join("init.safetensors"), Kind::Double);
+                let mut opt = chapter_sgd(&net, 0.01, 1e-3, true);
+                let mut dp =
+                    DataParallel::new(&net, &[Device::Cpu])?.distributed(Some(group.clone()))?;
+                let (x, y) = batch(0);
+                let (x, y) = (x.narrow(0, 0, 1).to_kind(Kind::Double), y.narrow(0, 0, 1));
+                let (x, y) = if rank == 0 {
+                    (x, y)
+                } else {
+                    (
+                        Tensor::zeros([0, 3, 0, 0], (Kind::Double, Device::Cpu)),
+                        y.narrow(0, 0, 0),
+                    )
+                };
+                let (l, _) = train_batch_ch13(
+                    &mut dp,
+                    &x,
+                    &y,
+                    &cross_entropy,
+                    &mut opt,
+                    &StepOptions::default(),
+                )?;
+                let fc = net.fc.weight.shallow_clone();
+                let t = fc.sum(Kind::Double);
+                Ok(format!("{} {}", l > 0.0, t.double_value(&[])))
+            }
             "train_ch13" => {
                 let cfg = d2l::data::synthetic::HotdogConfig {
                     train_per_class: 6,
@@ -159,13 +188,7 @@ fn rank_process() {
             other => panic!("unknown role {other}"),
         }
     })();
-    match result {
-        Ok(what) => println!("RESULT {what}"),
-        Err(e) => {
-            println!("ERROR {}: {e}", common::variant(&e));
-            std::process::exit(1);
-        }
-    }
+    common::report(result);
 }
 
 fn run_ranks(role: &str, world: usize, out: &Path) -> Vec<ChildRun> {
@@ -328,4 +351,21 @@ fn train_ch13_under_two_ranks_speaks_once_for_the_group() {
     assert_eq!(lines(&runs[0], "epoch 2/2: test acc"), 1);
     assert_eq!(lines(&runs[1], "examples/sec"), 0, "{}", runs[1].stdout);
     assert_eq!(lines(&runs[1], "epoch"), 0, "{}", runs[1].stdout);
+}
+
+#[test]
+fn a_rank_with_an_empty_share_joins_the_step() {
+    let out = tempfile::tempdir().unwrap();
+    d2l::tch::manual_seed(0);
+    let vs = VarStore::new(Device::Cpu);
+    let _net = resnet18(&vs.root(), 2);
+    vs.save(out.path().join("init.safetensors")).unwrap();
+    let runs = run_ranks("empty_share", 2, out.path());
+    let (r0, r1) = (runs[0].result().unwrap(), runs[1].result().unwrap());
+    assert!(
+        r0.starts_with("true ") && r1.starts_with("false "),
+        "{r0} / {r1}"
+    );
+    // The same step on both ranks: the output layer's weights agree to the bit.
+    assert_eq!(r0.split(' ').nth(1), r1.split(' ').nth(1));
 }

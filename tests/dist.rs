@@ -102,13 +102,7 @@ fn rank_process() {
             other => panic!("unknown role {other}"),
         }
     })();
-    match result {
-        Ok(what) => println!("RESULT {what}"),
-        Err(e) => {
-            println!("ERROR {}: {e}", common::variant(&e));
-            std::process::exit(1);
-        }
-    }
+    common::report(result);
 }
 
 #[test]

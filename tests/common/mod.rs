@@ -363,26 +363,7 @@ pub fn child_role() {
         }
         other => panic!("unknown role {other}"),
     };
-    match result {
-        Ok(what) => println!("RESULT {what}"),
-        Err(e) => {
-            println!("ERROR {}: {e}", variant(&e));
-            // What is left where it wrote, for a parent that cannot look (a tmpfs of a mount
-            // namespace that ends with this process).
-            if let Ok(dir) = std::env::var("D2L_TEST_LIST_DIR") {
-                let mut left = all_files_below(Path::new(&dir));
-                left.retain(|f| !is_lock_file(f));
-                let mut dirs: Vec<String> = std::fs::read_dir(&dir)
-                    .unwrap()
-                    .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                    .filter(|n| Path::new(&dir).join(n).is_dir())
-                    .collect();
-                left.append(&mut dirs);
-                println!("LEFT {}", left.join(","));
-            }
-            std::process::exit(1);
-        }
-    }
+    report(result);
 }
 
 /// The temporaries (`.<name>.<pid>.<random>.part|staging`, and the old `.part` names) below
@@ -444,4 +425,28 @@ pub fn rank_command(
     .stdout(std::process::Stdio::piped())
     .stderr(std::process::Stdio::piped());
     cmd
+}
+
+/// A child's or rank's answer: `RESULT <what>`, or `ERROR <variant>: <message>` and exit status
+/// 1, after `LEFT <files>` when `D2L_TEST_LIST_DIR` names a folder to list (for a parent that
+/// cannot look, as with a tmpfs of a mount namespace that ends with this process).
+pub fn report(result: d2l::Result<String>) {
+    match result {
+        Ok(what) => println!("RESULT {what}"),
+        Err(e) => {
+            println!("ERROR {}: {e}", variant(&e));
+            if let Ok(dir) = std::env::var("D2L_TEST_LIST_DIR") {
+                let mut left = all_files_below(Path::new(&dir));
+                left.retain(|f| !is_lock_file(f));
+                let mut dirs: Vec<String> = std::fs::read_dir(&dir)
+                    .unwrap()
+                    .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .filter(|n| Path::new(&dir).join(n).is_dir())
+                    .collect();
+                left.append(&mut dirs);
+                println!("LEFT {}", left.join(","));
+            }
+            std::process::exit(1);
+        }
+    }
 }

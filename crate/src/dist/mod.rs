@@ -159,7 +159,6 @@ impl InitOptions {
 
 /// One process's membership of a group: the rendezvous store and the backend.
 pub struct ProcessGroup {
-    #[cfg_attr(not(d2l_dist), allow(dead_code))]
     ptr: *mut c_void,
     opts: InitOptions,
 }
@@ -210,6 +209,57 @@ mod ffi {
     }
 }
 
+/// Without the shim (no gloo headers at build time): the same functions, failing, so that the
+/// code above them is one path; `ProcessGroup::init` says what to install before calling them.
+#[cfg(not(d2l_dist))]
+#[allow(clippy::too_many_arguments, clippy::missing_safety_doc)]
+mod ffi {
+    use super::*;
+    pub unsafe fn d2l_dist_has_nccl() -> i32 {
+        0
+    }
+    pub unsafe fn d2l_dist_init(
+        _: *const c_char,
+        _: i32,
+        _: i32,
+        _: i32,
+        _: i32,
+        _: i64,
+        _: i32,
+        _: *const c_char,
+        _: *const c_char,
+        _: *const c_char,
+        _: *mut c_char,
+        _: usize,
+    ) -> *mut c_void {
+        std::ptr::null_mut()
+    }
+    pub unsafe fn d2l_dist_free(_: *mut c_void) {}
+    pub unsafe fn d2l_dist_all_reduce(
+        _: *mut c_void,
+        _: *const *const c_void,
+        _: i32,
+        _: i32,
+        _: *mut c_char,
+        _: usize,
+    ) -> i32 {
+        1
+    }
+    pub unsafe fn d2l_dist_broadcast(
+        _: *mut c_void,
+        _: *const *const c_void,
+        _: i32,
+        _: i32,
+        _: *mut c_char,
+        _: usize,
+    ) -> i32 {
+        1
+    }
+    pub unsafe fn d2l_dist_barrier(_: *mut c_void, _: *mut c_char, _: usize) -> i32 {
+        1
+    }
+}
+
 /// Whether this build of d2l has `d2l::dist` (gloo's headers were there when it was built).
 pub fn is_available() -> bool {
     cfg!(d2l_dist)
@@ -217,20 +267,13 @@ pub fn is_available() -> bool {
 
 /// Whether this build can use NCCL (built against the CUDA libtorch with NCCL's header).
 pub fn has_nccl() -> bool {
-    #[cfg(d2l_dist)]
-    {
-        // SAFETY: a constant query.
-        unsafe { ffi::d2l_dist_has_nccl() != 0 }
-    }
-    #[cfg(not(d2l_dist))]
-    false
+    // SAFETY: a constant query.
+    unsafe { ffi::d2l_dist_has_nccl() != 0 }
 }
 
 /// A buffer for the shim's error text.
-#[cfg_attr(not(d2l_dist), allow(dead_code))]
 struct ErrBuf([u8; 2048]);
 
-#[cfg_attr(not(d2l_dist), allow(dead_code))]
 impl ErrBuf {
     fn new() -> Self {
         ErrBuf([0; 2048])
@@ -269,72 +312,69 @@ impl ProcessGroup {
         if !is_available() {
             return Err(unavailable());
         }
-        #[cfg(d2l_dist)]
-        {
-            let cstr = |what: &str, s: &str| {
-                CString::new(s).map_err(|_| {
-                    Error::arg("init_process_group", format!("{what} {s:?} has a NUL byte"))
-                })
-            };
-            let host = cstr("MASTER_ADDR", &opts.master_addr)?;
-            // Gloo binds where GLOO_SOCKET_IFNAME says (as in PyTorch); on one machine, to the
-            // loopback address the master is on; else to this machine's hostname's address.
-            let iface = cstr(
-                "GLOO_SOCKET_IFNAME",
-                &env_nonempty("GLOO_SOCKET_IFNAME").unwrap_or_default(),
-            )?;
-            let local = is_loopback(&opts.master_addr);
-            let bind = cstr("bind address", if local { "127.0.0.1" } else { "" })?;
-            // Under torchrun, its agent serves the store on MASTER_PORT already (PyTorch's
-            // ranks then connect as clients); the restart count keeps each attempt's keys apart.
-            let agent_store = env_nonempty("TORCHELASTIC_USE_AGENT_STORE")
-                .is_some_and(|v| v.eq_ignore_ascii_case("true"));
-            let is_server = opts.rank == 0 && !agent_store;
-            let attempt = env_nonempty("TORCHELASTIC_RESTART_COUNT").unwrap_or_else(|| "0".into());
-            let prefix = cstr(
-                "TORCHELASTIC_RESTART_COUNT",
-                &format!("d2l/attempt_{attempt}"),
-            )?;
-            let mut err = ErrBuf::new();
-            let (e, n) = err.ptr();
-            // SAFETY: NUL-terminated strings and an error buffer of the given length; the
-            // returned pointer is owned by the ProcessGroup and freed in Drop.
-            let ptr = unsafe {
-                ffi::d2l_dist_init(
-                    host.as_ptr(),
-                    opts.master_port as i32,
-                    opts.rank as i32,
-                    opts.world_size as i32,
-                    matches!(opts.backend, Backend::Nccl) as i32,
-                    opts.timeout.as_millis() as i64,
-                    is_server as i32,
-                    prefix.as_ptr(),
-                    iface.as_ptr(),
-                    bind.as_ptr(),
-                    e,
-                    n,
-                )
-            };
-            if ptr.is_null() {
-                return Err(Error::Distributed {
-                    what: format!(
-                        "init_process_group (rank {} of {}, {}, master {}:{}, timeout {:?})",
-                        opts.rank,
-                        opts.world_size,
-                        opts.backend.name(),
-                        opts.master_addr,
-                        opts.master_port,
-                        opts.timeout
-                    ),
-                    msg: format!(
-                        "{}; check that MASTER_ADDR:MASTER_PORT is reachable from every rank, that all \
-                         WORLD_SIZE ranks started, and that the port is free",
-                        err.text()
-                    ),
-                });
-            }
-            Ok(ProcessGroup { ptr, opts })
+        let cstr = |what: &str, s: &str| {
+            CString::new(s).map_err(|_| {
+                Error::arg("init_process_group", format!("{what} {s:?} has a NUL byte"))
+            })
+        };
+        let host = cstr("MASTER_ADDR", &opts.master_addr)?;
+        // Gloo binds where GLOO_SOCKET_IFNAME says (as in PyTorch); on one machine, to the
+        // loopback address the master is on; else to this machine's hostname's address.
+        let iface = cstr(
+            "GLOO_SOCKET_IFNAME",
+            &env_nonempty("GLOO_SOCKET_IFNAME").unwrap_or_default(),
+        )?;
+        let local = is_loopback(&opts.master_addr);
+        let bind = cstr("bind address", if local { "127.0.0.1" } else { "" })?;
+        // Under torchrun, its agent serves the store on MASTER_PORT already (PyTorch's
+        // ranks then connect as clients); the restart count keeps each attempt's keys apart.
+        let agent_store = env_nonempty("TORCHELASTIC_USE_AGENT_STORE")
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+        let is_server = opts.rank == 0 && !agent_store;
+        let attempt = env_nonempty("TORCHELASTIC_RESTART_COUNT").unwrap_or_else(|| "0".into());
+        let prefix = cstr(
+            "TORCHELASTIC_RESTART_COUNT",
+            &format!("d2l/attempt_{attempt}"),
+        )?;
+        let mut err = ErrBuf::new();
+        let (e, n) = err.ptr();
+        // SAFETY: NUL-terminated strings and an error buffer of the given length; the
+        // returned pointer is owned by the ProcessGroup and freed in Drop.
+        let ptr = unsafe {
+            ffi::d2l_dist_init(
+                host.as_ptr(),
+                opts.master_port as i32,
+                opts.rank as i32,
+                opts.world_size as i32,
+                matches!(opts.backend, Backend::Nccl) as i32,
+                opts.timeout.as_millis() as i64,
+                is_server as i32,
+                prefix.as_ptr(),
+                iface.as_ptr(),
+                bind.as_ptr(),
+                e,
+                n,
+            )
+        };
+        if ptr.is_null() {
+            return Err(Error::Distributed {
+                what: format!(
+                    "init_process_group (rank {} of {}, {}, master {}:{}, timeout {:?})",
+                    opts.rank,
+                    opts.world_size,
+                    opts.backend.name(),
+                    opts.master_addr,
+                    opts.master_port,
+                    opts.timeout
+                ),
+                msg: format!(
+                    "{}; check that MASTER_ADDR:MASTER_PORT is reachable from every rank, that all \
+                     WORLD_SIZE ranks started, and that the port is free",
+                    err.text()
+                ),
+            });
         }
+        Ok(ProcessGroup { ptr, opts })
     }
 
     pub fn rank(&self) -> usize {
@@ -365,15 +405,9 @@ impl ProcessGroup {
             ReduceOp::Max => 2,
         };
         self.collective("all_reduce", tensors, |ptrs, e, n| {
-            #[cfg(d2l_dist)]
             // SAFETY: live, contiguous tensors; see `collective`.
             unsafe {
                 ffi::d2l_dist_all_reduce(self.ptr, ptrs.as_ptr(), ptrs.len() as i32, op, e, n)
-            }
-            #[cfg(not(d2l_dist))]
-            {
-                let _ = (ptrs, e, n, op);
-                1
             }
         })
     }
@@ -387,7 +421,6 @@ impl ProcessGroup {
             ));
         }
         self.collective("broadcast", tensors, |ptrs, e, n| {
-            #[cfg(d2l_dist)]
             // SAFETY: live, contiguous tensors; see `collective`.
             unsafe {
                 ffi::d2l_dist_broadcast(
@@ -399,27 +432,14 @@ impl ProcessGroup {
                     n,
                 )
             }
-            #[cfg(not(d2l_dist))]
-            {
-                let _ = (ptrs, e, n);
-                1
-            }
         })
     }
 
     /// Waits until every rank has called it.
     pub fn barrier(&self) -> Result<()> {
         self.collective("barrier", &[], |_, e, n| {
-            #[cfg(d2l_dist)]
             // SAFETY: an error buffer of the given length.
-            unsafe {
-                ffi::d2l_dist_barrier(self.ptr, e, n)
-            }
-            #[cfg(not(d2l_dist))]
-            {
-                let _ = (e, n);
-                1
-            }
+            unsafe { ffi::d2l_dist_barrier(self.ptr, e, n) }
         })
     }
 
@@ -463,11 +483,8 @@ impl ProcessGroup {
 
 impl Drop for ProcessGroup {
     fn drop(&mut self) {
-        #[cfg(d2l_dist)]
         // SAFETY: made by d2l_dist_init, freed once.
-        unsafe {
-            ffi::d2l_dist_free(self.ptr)
-        }
+        unsafe { ffi::d2l_dist_free(self.ptr) }
     }
 }
 
@@ -481,7 +498,6 @@ impl std::fmt::Debug for ProcessGroup {
     }
 }
 
-#[cfg_attr(not(d2l_dist), allow(dead_code))]
 fn is_loopback(host: &str) -> bool {
     host == "localhost" || host.starts_with("127.") || host == "::1"
 }

@@ -332,8 +332,8 @@ pub fn train_batch_ch13<N: Replicate>(
         net.comm_s += t.elapsed().as_secs_f64();
     }
     if x.size().first() == Some(&0) {
-        // This rank's share of a small last batch is empty: it only joins the reduction.
-        define_grads(&net.tensors)?;
+        // This rank's share of a small last batch is empty: it only joins the reduction
+        // (with zero gradients).
         all_reduce_grads(net)?;
         trainer.step()?;
         return Ok((0.0, 0.0));
@@ -464,27 +464,21 @@ fn sync_in_buckets(group: &ProcessGroup, tensors: &[&Tensor], how: Collective) -
 /// Gives every trainable tensor a gradient (zeros where backward gave none), so that every rank
 /// sends the same buckets.
 fn define_grads(tensors: &[Tensor]) -> Result<()> {
-    let missing: Vec<&Tensor> = tensors
+    // One backward through `0 * sum(t)` for each tensor without a gradient (all on one device).
+    let mut zero: Option<Tensor> = None;
+    for t in tensors
         .iter()
         .filter(|t| t.requires_grad() && !t.grad().defined())
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
+    {
+        let z = t.f_sum(t.kind())?.f_mul_scalar(0.0)?;
+        zero = Some(match zero {
+            None => z,
+            Some(acc) => acc.f_add(&z)?,
+        });
     }
-    let zero = missing
-        .iter()
-        .map(|t| t.f_sum(t.kind()).and_then(|s| s.f_mul_scalar(0.0)))
-        .collect::<std::result::Result<Vec<_>, _>>()?;
-    let total = zero
-        .into_iter()
-        .try_fold(None::<Tensor>, |acc, z| -> Result<Option<Tensor>> {
-            Ok(Some(match acc {
-                None => z,
-                Some(a) => a.f_add(&z.f_to_device(a.device())?)?,
-            }))
-        })?
-        .expect("not empty");
-    total.f_backward()?;
+    if let Some(zero) = zero {
+        zero.f_backward()?;
+    }
     Ok(())
 }
 
