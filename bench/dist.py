@@ -44,6 +44,7 @@ def main():
     ap.add_argument("--workers", type=int, default=1, help="loader threads a process")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", type=Path, help="also write the runs and the table's figures here as JSON")
     args = ap.parse_args()
 
     bench_train, bench_data = args.bin_dir / "bench_train", args.bin_dir / "bench_data"
@@ -72,7 +73,7 @@ def main():
           f"{args.batch}, {args.epochs} epochs, {args.per_class * 2} training images; medians of {args.reps}\n")
     print("| setting | e2e img/s | d2l examples/s | all-reduce share of the steps | peak RSS MiB (rank 0) |")
     print("|---|---|---|---|---|")
-    base = None
+    base, summary = None, {}
     for name, _ in settings:
         rs = runs[name]
         e2e = statistics.median(r["e2e_images_per_s"] for r in rs)
@@ -81,6 +82,13 @@ def main():
         rss = statistics.median(r["peak_rss_mib"] for r in rs)
         base = base or e2e
         print(f"| {name} | {e2e:.1f} ({e2e / base:.2f}x) | {d2l:.1f} | {100 * share:.1f}% | {rss:.0f} |")
+        summary[name] = {"e2e_images_per_s": e2e, "d2l_examples_per_s": d2l, "all_reduce_share": share,
+                         "peak_rss_mib": rss, "ratio": e2e / base}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"cpu": cpu_model(), "device": args.device, "nproc": args.nproc,
+                                        "crop": args.crop, "batch": args.batch, "epochs": args.epochs,
+                                        "summary": summary, "runs": runs}, indent=1))
 
 
 if __name__ == "__main__":
