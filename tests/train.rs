@@ -1,10 +1,7 @@
 //! train_ch13 on a tiny synthetic run: history, print format, plot-point schedule, metrics.
 mod common;
 
-use common::chapter_sgd;
-use d2l::data::synthetic::{make_hotdog_dataset, HotdogConfig};
-use d2l::data::transforms::*;
-use d2l::data::{DataLoader, ImageFolder};
+use common::{chapter_sgd, tiny_loaders};
 use d2l::model::resnet18;
 use d2l::tch::nn::VarStore;
 use d2l::tch::{Device, Tensor};
@@ -46,32 +43,6 @@ fn accumulator_timer_and_accuracy_behave_like_d2l() {
     let y_hat = Tensor::from_slice(&[0.1f32, 0.9, 0.8, 0.2, 0.3, 0.7]).reshape([3, 2]);
     let y = Tensor::from_slice(&[1i64, 0, 0]);
     assert_eq!(accuracy(&y_hat, &y).unwrap(), 2.0);
-}
-
-/// 12 training and 4 test images, cropped or resized to `side` px, in batches of 4.
-fn tiny_loaders(dir: &std::path::Path, side: u32) -> (DataLoader, DataLoader) {
-    let cfg = HotdogConfig {
-        train_per_class: 6,
-        test_per_class: 2,
-        min_side: 24,
-        max_side: 40,
-        seed: 2,
-    };
-    let root = make_hotdog_dataset(dir, &cfg).unwrap();
-    let augs = Compose::new()
-        .then(RandomResizedCrop::new(side))
-        .then(ToTensor)
-        .then(Normalize::imagenet());
-    let test_augs = Compose::new()
-        .then(Resize::new(side, side))
-        .then(ToTensor)
-        .then(Normalize::imagenet());
-    let train_iter = DataLoader::new(ImageFolder::new(root.join("train")).unwrap(), augs, 4)
-        .unwrap()
-        .shuffle(true);
-    let test_iter =
-        DataLoader::new(ImageFolder::new(root.join("test")).unwrap(), test_augs, 4).unwrap();
-    (train_iter, test_iter)
 }
 
 #[test]

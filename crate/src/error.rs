@@ -138,7 +138,7 @@ impl Error {
     }
 
     /// An argument error of `function`.
-    pub(crate) fn arg(function: &'static str, msg: impl Into<String>) -> Self {
+    pub fn arg(function: &'static str, msg: impl Into<String>) -> Self {
         Error::InvalidArgument {
             function,
             msg: msg.into(),

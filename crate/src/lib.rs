@@ -30,8 +30,8 @@ pub mod train;
 pub use data::{download, download_extract, DataLoader, ImageFolder, DATA_HUB, DATA_URL};
 pub use device::{device_repr, num_gpus, try_all_gpus, try_gpu, versions, Devices, Versions};
 pub use display::{
-    evcxr_content, figures_dir, gradient_image, in_notebook, set_figures_dir, show_images,
-    Animator, Png,
+    confusion_matrix_figure, evcxr_content, figures_dir, gradient_image, in_notebook,
+    set_figures_dir, show_images, Animator, Png, ProgressBar,
 };
 pub use error::{exit_code, Error, Result};
 pub use image;

@@ -450,3 +450,33 @@ pub fn report(result: d2l::Result<String>) {
         }
     }
 }
+
+/// 12 training and 4 test images, cropped or resized to `side` px, in batches of 4: a
+/// shuffled training loader and an ordered test loader.
+pub fn tiny_loaders(dir: &Path, side: u32) -> (d2l::DataLoader, d2l::DataLoader) {
+    use d2l::data::synthetic::{make_hotdog_dataset, HotdogConfig};
+    use d2l::data::transforms::{Compose, Normalize, RandomResizedCrop, Resize, ToTensor};
+    use d2l::{DataLoader, ImageFolder};
+    let cfg = HotdogConfig {
+        train_per_class: 6,
+        test_per_class: 2,
+        min_side: 24,
+        max_side: 40,
+        seed: 2,
+    };
+    let root = make_hotdog_dataset(dir, &cfg).unwrap();
+    let augs = Compose::new()
+        .then(RandomResizedCrop::new(side))
+        .then(ToTensor)
+        .then(Normalize::imagenet());
+    let test_augs = Compose::new()
+        .then(Resize::new(side, side))
+        .then(ToTensor)
+        .then(Normalize::imagenet());
+    let train_iter = DataLoader::new(ImageFolder::new(root.join("train")).unwrap(), augs, 4)
+        .unwrap()
+        .shuffle(true);
+    let test_iter =
+        DataLoader::new(ImageFolder::new(root.join("test")).unwrap(), test_augs, 4).unwrap();
+    (train_iter, test_iter)
+}

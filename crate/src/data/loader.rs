@@ -122,6 +122,11 @@ impl DataLoader {
         self.epoch.store(epoch, Ordering::SeqCst);
     }
 
+    /// Whether each epoch reads the images in a new random order.
+    pub fn is_shuffled(&self) -> bool {
+        self.shuffle
+    }
+
     pub fn dataset(&self) -> &ImageFolder {
         &self.dataset
     }

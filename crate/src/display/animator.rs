@@ -85,6 +85,8 @@ pub struct Animator {
     ylim: Option<(f64, f64)>,
     fmts: Vec<String>,
     figsize: (f64, f64),
+    /// d2l's `xscale='log'`: x drawn on a log axis.
+    xlog: bool,
     /// One list of (x, y) points per line.
     lines: Vec<Vec<(f64, f64)>>,
 }
@@ -106,6 +108,7 @@ impl Animator {
             ylim: None,
             fmts: ["-", "m--", "g-.", "r:"].map(String::from).to_vec(),
             figsize: (3.5, 2.5),
+            xlog: false,
             lines: Vec::new(),
         }
     }
@@ -133,6 +136,22 @@ impl Animator {
     pub fn ylim(mut self, lo: f64, hi: f64) -> Animator {
         self.ylim = Some((lo, hi));
         self
+    }
+
+    /// d2l's `xscale`: `"linear"` (the default) or `"log"` (an LR range test's axis). Points
+    /// with x <= 0 are not drawn on a log axis.
+    pub fn xscale(mut self, scale: &str) -> Result<Animator> {
+        self.xlog = match scale {
+            "linear" => false,
+            "log" => true,
+            other => {
+                return Err(Error::arg(
+                    "Animator::xscale",
+                    format!("{other:?}: use \"linear\" or \"log\""),
+                ))
+            }
+        };
+        Ok(self)
     }
 
     /// Line formats in matplotlib's notation (`"-"`, `"m--"`, `"g-."`, `"r:"`).
@@ -276,6 +295,12 @@ impl Animator {
                 format!("an axis limit [{lo}, {hi}] is empty; give lo < hi"),
             ));
         }
+        if let Some((lo, _)) = self.xlim.filter(|(lo, _)| self.xlog && *lo <= 0.0) {
+            return Err(Error::arg(
+                "Animator",
+                format!("xlim starts at {lo} on a log axis; give a positive limit"),
+            ));
+        }
         if !(self.figsize.0 > 0.0 && self.figsize.1 > 0.0) {
             return Err(Error::arg(
                 "Animator",
@@ -285,16 +310,31 @@ impl Animator {
         Ok(())
     }
 
-    fn range(&self, lim: Option<(f64, f64)>, coord: impl Fn(&(f64, f64)) -> f64) -> (f64, f64) {
+    /// The lines as drawn: x as log10(x) on a log axis (points at x <= 0 left out).
+    fn drawn_lines(&self) -> Vec<Vec<(f64, f64)>> {
+        if !self.xlog {
+            return self.lines.clone();
+        }
+        self.lines
+            .iter()
+            .map(|l| {
+                l.iter()
+                    .filter(|(x, _)| *x > 0.0)
+                    .map(|&(x, y)| (x.log10(), y))
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn range(
+        lines: &[Vec<(f64, f64)>],
+        lim: Option<(f64, f64)>,
+        coord: impl Fn(&(f64, f64)) -> f64,
+    ) -> (f64, f64) {
         if let Some(lim) = lim {
             return lim;
         }
-        let values = self
-            .lines
-            .iter()
-            .flatten()
-            .map(coord)
-            .filter(|v| v.is_finite());
+        let values = lines.iter().flatten().map(coord).filter(|v| v.is_finite());
         let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
             (lo.min(v), hi.max(v))
         });
@@ -309,8 +349,16 @@ impl Animator {
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>, k: f64) -> Result<()> {
         font::ensure()?;
         root.fill(&WHITE).map_err(plot_error)?;
-        let (x0, x1) = self.range(self.xlim, |p| p.0);
-        let (y0, y1) = self.range(self.ylim, |p| p.1);
+        let lines = self.drawn_lines();
+        let xlim = self.xlim.map(|(lo, hi)| {
+            if self.xlog {
+                (lo.log10(), hi.log10())
+            } else {
+                (lo, hi)
+            }
+        });
+        let (x0, x1) = Self::range(&lines, xlim, |p| p.0);
+        let (y0, y1) = Self::range(&lines, self.ylim, |p| p.1);
         let px = |pt: f64| (pt * k).round() as i32;
         let tick_font = (font::FAMILY, 10.0 * k).into_font();
         let label_font = (font::FAMILY, 11.0 * k).into_font();
@@ -324,8 +372,16 @@ impl Animator {
         let (x_dec, y_dec) = (decimals(x0, x1, 5), decimals(y0, y1, 6));
         // d2l turns the grid on: light grey lines at the ticks.
         let grid = RGBColor(0xb0, 0xb0, 0xb0).stroke_width(px(0.8).max(1) as u32);
+        let xlog = self.xlog;
         let (x_fmt, y_fmt) = (
-            move |v: &f64| format!("{v:.x_dec$}"),
+            // On a log axis a tick at v reads 10^v, as matplotlib's 1e-05.
+            move |v: &f64| {
+                if xlog {
+                    format!("{:.0e}", 10f64.powf(*v))
+                } else {
+                    format!("{v:.x_dec$}")
+                }
+            },
             move |v: &f64| format!("{v:.y_dec$}"),
         );
         let mut mesh = chart.configure_mesh();
@@ -348,7 +404,7 @@ impl Animator {
         mesh.draw().map_err(plot_error)?;
 
         let width = px(1.5).max(1) as u32;
-        for (i, line) in self.lines.iter().enumerate() {
+        for (i, line) in lines.iter().enumerate() {
             let fmt = LineFmt::parse(self.fmts.get(i).map_or("-", String::as_str))?;
             let style = fmt.color.stroke_width(width);
             // matplotlib clips lines at the axes: points before epoch 1 do not show.
@@ -398,7 +454,7 @@ impl Animator {
                 spine,
             )))
             .map_err(plot_error)?;
-        if !self.legend.is_empty() && !self.lines.is_empty() {
+        if !self.legend.is_empty() && !lines.is_empty() {
             chart
                 .configure_series_labels()
                 .position(SeriesLabelPosition::LowerRight)

@@ -1,12 +1,16 @@
 //! Showing results: image grids and training curves, inline in an evcxr notebook or saved to
 //! files outside one.
 mod animator;
+mod confusion;
 mod font;
+mod progress;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub use animator::Animator;
+pub use confusion::confusion_matrix_figure;
+pub use progress::ProgressBar;
 
 use base64::Engine;
 use image::codecs::png::PngEncoder;

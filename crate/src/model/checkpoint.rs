@@ -252,29 +252,153 @@ impl Classifier {
 
     /// Classifies an image.
     pub fn predict_image(&self, img: &RgbImage) -> Result<Prediction> {
-        let x = self
-            .transform
-            .tensor(img)?
-            .f_unsqueeze(0)?
-            .f_to_device(self.device)?;
+        let mut one = self.predict_images(std::slice::from_ref(img))?;
+        one.pop()
+            .ok_or_else(|| Error::arg("predict", "the model gave no prediction"))
+    }
+
+    /// Classifies images as one batch.
+    pub fn predict_images(&self, imgs: &[RgbImage]) -> Result<Vec<Prediction>> {
+        if imgs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let xs = imgs
+            .iter()
+            .map(|img| self.transform.tensor(img))
+            .collect::<Result<Vec<_>>>()?;
+        self.predict_tensors(&xs)
+    }
+
+    fn predict_tensors(&self, xs: &[Tensor]) -> Result<Vec<Prediction>> {
+        let x = Tensor::f_stack(xs, 0)?.f_to_device(self.device)?;
         let probs = tch::no_grad(|| -> Result<Tensor> {
             Ok(self
                 .net
                 .forward_t(&x, false)
                 .f_softmax(-1, Kind::Float)?
-                .f_to_device(Device::Cpu)?)
+                .f_to_device(Device::Cpu)?
+                .f_to_kind(Kind::Double)?)
         })?;
-        let probabilities = Vec::<f64>::try_from(probs.f_flatten(0, -1)?.f_to_kind(Kind::Double)?)?;
-        let (index, &probability) = probabilities
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .ok_or_else(|| Error::arg("predict", "the model has no outputs"))?;
-        Ok(Prediction {
-            class: self.config.classes[index].clone(),
-            index,
-            probability,
-            probabilities,
-        })
+        let mut out = Vec::with_capacity(xs.len());
+        for row in 0..probs.size()[0] {
+            let probabilities = Vec::<f64>::try_from(probs.f_get(row)?)?;
+            let (index, &probability) = probabilities
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .ok_or_else(|| Error::arg("predict", "the model has no outputs"))?;
+            out.push(Prediction {
+                class: self.config.classes[index].clone(),
+                index,
+                probability,
+                probabilities,
+            });
+        }
+        Ok(out)
     }
+
+    /// Classifies every image file under `dir` (torchvision's image extensions, sub-folders
+    /// included, in path order), `batch_size` at a time, the images of a batch decoded on all
+    /// cores; with `progress`, a progress bar on standard error. An unreadable image is an error
+    /// that names it.
+    pub fn predict_folder(
+        &self,
+        dir: impl AsRef<Path>,
+        batch_size: usize,
+        progress: bool,
+    ) -> Result<Vec<(PathBuf, Prediction)>> {
+        let dir = dir.as_ref();
+        if batch_size == 0 {
+            return Err(Error::arg(
+                "predict_folder",
+                "batch_size must be at least 1",
+            ));
+        }
+        let mut paths = Vec::new();
+        collect_images(dir, &mut paths)?;
+        paths.sort();
+        if paths.is_empty() {
+            return Err(Error::arg(
+                "predict_folder",
+                format!(
+                    "{} holds no image files ({})",
+                    dir.display(),
+                    crate::data::IMG_EXTENSIONS.join(" ")
+                ),
+            ));
+        }
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut bar = crate::display::ProgressBar::new("predict", paths.len(), progress);
+        let mut out = Vec::with_capacity(paths.len());
+        for chunk in paths.chunks(batch_size) {
+            let per = chunk.len().div_ceil(threads);
+            let transform = &self.transform; // the model stays on this thread
+            let xs = std::thread::scope(|s| -> Result<Vec<Tensor>> {
+                let handles: Vec<_> = chunk
+                    .chunks(per)
+                    .map(|part| {
+                        s.spawn(move || -> Result<Vec<Tensor>> {
+                            part.iter()
+                                .map(|p| transform.tensor(&crate::data::load_rgb(p)?))
+                                .collect()
+                        })
+                    })
+                    .collect();
+                let mut xs = Vec::with_capacity(chunk.len());
+                for h in handles {
+                    xs.extend(h.join().map_err(|_| Error::Panicked {
+                        what: "predict_folder: decoding images".into(),
+                    })??);
+                }
+                Ok(xs)
+            })?;
+            for (p, pred) in chunk.iter().zip(self.predict_tensors(&xs)?) {
+                out.push((p.clone(), pred));
+            }
+            bar.inc(chunk.len());
+        }
+        bar.finish();
+        Ok(out)
+    }
+}
+
+fn collect_images(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    for entry in entries {
+        let path = entry.map_err(|e| Error::io(dir, e))?.path();
+        if path.is_dir() {
+            collect_images(&path, out)?;
+        } else if crate::data::is_image_file(&path) {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// A CSV field, quoted when it must be (RFC 4180: commas, quotes, line breaks).
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_owned()
+    }
+}
+
+/// Writes `path,label,probability` lines (with that header) for [`Classifier::predict_folder`]'s
+/// results; the file appears whole or not at all.
+pub fn write_predictions_csv(path: impl AsRef<Path>, rows: &[(PathBuf, Prediction)]) -> Result<()> {
+    let mut text = String::from("path,label,probability\n");
+    for (p, pred) in rows {
+        text.push_str(&format!(
+            "{},{},{:.6}\n",
+            csv_field(&p.to_string_lossy()),
+            csv_field(&pred.class),
+            pred.probability
+        ));
+    }
+    let path = path.as_ref();
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    write_atomically(path, text.as_bytes())
 }

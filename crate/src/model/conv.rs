@@ -30,7 +30,25 @@ pub fn set_cpu_im2col(enabled: bool) {
 
 /// See [`set_cpu_im2col`].
 pub fn cpu_im2col() -> bool {
-    IM2COL.load(Ordering::Relaxed)
+    IM2COL.load(Ordering::Relaxed) && !LIBTORCH_ONLY.get()
+}
+
+thread_local! {
+    /// Set while this thread traces a model for TorchScript: the im2col path's reshapes would
+    /// fix the traced batch size, libtorch's convolution does not.
+    static LIBTORCH_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with libtorch's convolution everywhere on this thread (other threads keep theirs).
+pub(crate) fn with_libtorch_conv<T>(f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            LIBTORCH_ONLY.set(self.0);
+        }
+    }
+    let _restore = Restore(LIBTORCH_ONLY.replace(true));
+    f()
 }
 
 /// A square convolution without bias, weight `[c_out, c_in, k, k]`, initialised like

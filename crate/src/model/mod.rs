@@ -1,6 +1,7 @@
 //! Models and their weights: torchvision's ResNet-18 and PyTorch's state-dict files.
 mod checkpoint;
 mod conv;
+mod export;
 mod pth;
 mod resnet;
 mod source;
@@ -12,8 +13,12 @@ use std::path::Path;
 use tch::nn::VarStore;
 use tch::Tensor;
 
-pub use checkpoint::{checkpoint_paths, save_checkpoint, CheckpointConfig, Classifier, Prediction};
+pub use checkpoint::{
+    checkpoint_paths, save_checkpoint, write_predictions_csv, CheckpointConfig, Classifier,
+    Prediction,
+};
 pub use conv::{conv2d, cpu_im2col, set_cpu_im2col, Conv2d};
+pub use export::export_torchscript;
 pub use pth::read_pth;
 pub use resnet::{linear, resnet18, Linear, ResNet};
 pub use source::{pretrain_source_model, SourceModel, SourceModelConfig};

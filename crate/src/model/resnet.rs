@@ -241,6 +241,25 @@ impl ResNet {
             .collect()
     }
 
+    /// Freezes the body for the first stage of gradual unfreezing (fastai's `freeze()`): every
+    /// parameter but the output layer `fc` stops learning (`requires_grad` off), except
+    /// BatchNorm's weights and biases, which keep learning as fastai's `train_bn=True` has it (a
+    /// frozen network still adapts its normalisation to the new data).
+    pub fn freeze(&self) {
+        for (name, p) in self.named_parameters() {
+            let batch_norm =
+                name.contains(".bn") || name.starts_with("bn") || name.contains("downsample.1.");
+            let _ = p.set_requires_grad(name.starts_with("fc.") || batch_norm);
+        }
+    }
+
+    /// Every parameter learns again (fastai's `unfreeze()`).
+    pub fn unfreeze(&self) {
+        for p in self.parameters() {
+            let _ = p.set_requires_grad(true);
+        }
+    }
+
     /// PyTorch's `parameters()`: [`ResNet::named_parameters`] without the names.
     pub fn parameters(&self) -> Vec<Tensor> {
         self.named_parameters()
