@@ -449,5 +449,166 @@ fn run() -> d2l::Result<()> {
         test_imgs.classes()[label as usize]
     );
 
+    // %% [markdown]
+    // ## Beyond the book
+    //
+    // What a practitioner reaches for after the chapter, as fastai offers it: find a learning rate
+    // before training, look at the mistakes after, unfreeze gradually, and ship the model. The loaders
+    // and the chapter's optimiser (two groups, the output layer at ten times the rate: `chapter_sgd`)
+    // are the same as in `fine_tune`.
+    //
+    // ### Finding the learning rate
+    //
+    // The *LR range test* (fastai's `lr_find`) trains for 100 steps while the learning rate grows
+    // exponentially from 1e-7 to 10, records the smoothed loss, and suggests a rate where the loss
+    // falls fastest over the longest stretch (fastai's `valley`). Afterwards the model is put back as
+    // it was. Compare the suggestion with the chapter's rate and with exercise 1's larger one:
+
+    // %%
+    use d2l::model::{export_torchscript, write_predictions_csv};
+    use d2l::train::{
+        chapter_sgd, fine_tune_gradual, lr_find, ClassificationInterpretation, LrFindOptions,
+        TrainOptions,
+    };
+
+    let devices = try_all_gpus();
+    let train_loader = DataLoader::new(
+        ImageFolder::new(data_dir.join("train"))?,
+        train_augs.clone(),
+        settings.batch_size,
+    )?
+    .shuffle(true)
+    .seed(settings.seed)
+    .num_workers(settings.num_workers);
+    let test_loader = DataLoader::new(
+        ImageFolder::new(data_dir.join("test"))?,
+        test_augs.clone(),
+        settings.batch_size,
+    )?
+    .num_workers(settings.num_workers);
+    let vs_lr = VarStore::new(try_gpu(0));
+    let net_lr = new_finetune_net(&vs_lr)?;
+    let criterion = CrossEntropyLoss::new(Reduction::None);
+    let found = lr_find(
+        &net_lr,
+        &train_loader,
+        criterion,
+        |lr| chapter_sgd(&net_lr, lr),
+        &devices,
+        &LrFindOptions::default(),
+    )?;
+    println!(
+        "lr_find suggests {:.1e} (steepest {:.1e}, minimum / 10 {:.1e}); the chapter uses {:.0e}, exercise 1 {:.0e}",
+        found.suggestion(), found.steep, found.minimum, settings.lr, 10.0 * settings.lr
+    );
+    found.figure()?.show("lr_find")?;
+
+    // %% [markdown]
+    // ### Looking at the mistakes
+    //
+    // Which test images does the fine-tuned model get wrong, and how sure is it? The confusion matrix
+    // counts true classes (rows) against predictions (columns):
+
+    // %%
+    let interp = ClassificationInterpretation::from_net(&finetune_net, &test_loader, try_gpu(0))?;
+    println!(
+        "accuracy {:.3}; most confused (true, predicted, images): {:?}",
+        interp.accuracy(),
+        interp.most_confused(1)
+    );
+    interp.plot_confusion_matrix()?.show("confusion_matrix")?;
+
+    // %% [markdown]
+    // The test images with the highest loss, each titled *predicted/true* over *loss / probability of
+    // the prediction*: a confident mistake has a high loss and a high probability.
+
+    // %%
+    interp.plot_top_losses(8, 4)?.show("top_losses")?;
+
+    // %% [markdown]
+    // ### Gradual unfreezing
+    //
+    // fastai's `fine_tune` first trains the new output layer alone with the copied body frozen
+    // (BatchNorm layers still adapt), then unfreezes everything. The same number of epochs as the
+    // chapter's recipe, on the same data, with the same optimiser:
+
+    // %%
+    let vs_g = VarStore::new(try_gpu(0));
+    let net_g = new_finetune_net(&vs_g)?;
+    let mut trainer = chapter_sgd(&net_g, settings.lr)?;
+    let unfrozen_epochs = settings.num_epochs.saturating_sub(1).max(1);
+    let gradual = fine_tune_gradual(
+        &net_g,
+        &train_loader,
+        &test_loader,
+        criterion,
+        &mut trainer,
+        1,
+        unfrozen_epochs,
+        &devices,
+        &TrainOptions::default(),
+    )?;
+    println!(
+        "test accuracy: chapter's recipe {:.3} ({} epochs), gradual unfreezing {:.3} (1 frozen + {} epochs)",
+        fine.test_acc, fine.num_epochs, gradual.test_acc, unfrozen_epochs
+    );
+
+    // %% [markdown]
+    // ### Surviving an interrupted run
+    //
+    // Interrupting an evcxr kernel ends it, and every variable with it. With a checkpoint path,
+    // `train_ch13` writes the training state at the end of each epoch (weights, BatchNorm statistics,
+    // the optimiser's momentum buffers, the loader's epoch, the history so far); run the cells again
+    // and training resumes after the last saved epoch, with the history an uninterrupted run gives.
+    // A finished run's checkpoint returns its history at once; delete the files to train afresh.
+
+    // %%
+    let vs_c = VarStore::new(try_gpu(0));
+    let net_c = new_finetune_net(&vs_c)?;
+    let mut trainer_c = chapter_sgd(&net_c, settings.lr)?;
+    let resumable_opts = TrainOptions {
+        checkpoint: Some(format!("../target/fine-tuning/{}-resumable", settings.profile).into()),
+        ..Default::default()
+    };
+    let resumable = d2l::train::train_ch13_with(
+        &net_c,
+        &train_loader,
+        &test_loader,
+        criterion,
+        &mut trainer_c,
+        settings.exercise_epochs,
+        &devices,
+        &resumable_opts,
+    )?;
+    println!(
+        "resumable run: test acc {:.3} after {} epochs",
+        resumable.test_acc, resumable.num_epochs
+    );
+
+    // %% [markdown]
+    // ### Shipping the model
+    //
+    // TorchScript that PyTorch loads without this crate (`torch.jit.load("hotdog-resnet18.pt")`,
+    // logits out), and the saved checkpoint classifying a whole folder into a CSV (`path,label,probability`)
+    // with a progress bar; `cargo run --release --example predict -- CHECKPOINT FOLDER` does the same
+    // from the command line.
+
+    // %%
+    export_torchscript(
+        &finetune_net,
+        "../target/fine-tuning/hotdog-resnet18.pt",
+        settings.crop,
+    )?;
+    let rows = classifier.predict_folder(data_dir.join("test"), settings.batch_size, true)?;
+    write_predictions_csv("../target/fine-tuning/predictions.csv", &rows)?;
+    let right = rows
+        .iter()
+        .filter(|(path, p)| path.parent().and_then(|d| d.file_name()) == Some(p.class.as_ref()))
+        .count();
+    println!(
+        "{} test images classified, {right} right; wrote ../target/fine-tuning/predictions.csv",
+        rows.len()
+    );
+
     Ok(())
 }

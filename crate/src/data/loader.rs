@@ -117,6 +117,17 @@ impl DataLoader {
         *lock(&self.shard)
     }
 
+    /// The epoch the next [`iter`](Self::iter) reads (its shuffle and augmentations are
+    /// keyed by the seed, this epoch and each image's position).
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
+    /// The seed of the shuffle and the augmentations.
+    pub fn seed_value(&self) -> u64 {
+        self.seed
+    }
+
     /// Start counting epochs from `epoch` (to resume a run).
     pub fn set_epoch(&self, epoch: u64) {
         self.epoch.store(epoch, Ordering::SeqCst);

@@ -57,7 +57,7 @@ pub fn confusion_matrix_figure(matrix: &[Vec<usize>], classes: &[String]) -> Res
     let cell = (360 / n as u32).clamp(40, 120);
     let longest = classes.iter().map(|c| c.chars().count()).max().unwrap_or(1) as u32;
     let label_w = (longest * 8 + 40).min(260);
-    let (left, top, bottom) = (label_w, 40u32, label_w.min(140) + 20);
+    let (left, top, bottom) = (label_w, 40u32, 56u32);
     let (w, h) = (left + n as u32 * cell + 20, top + n as u32 * cell + bottom);
     let mut rgb = vec![255u8; (w * h * 3) as usize];
     {

@@ -54,7 +54,7 @@ pub fn checkpoint_paths(stem: &Path) -> (PathBuf, PathBuf) {
     (with(".safetensors"), with(".json"))
 }
 
-fn sha256_file(path: &Path) -> Result<String> {
+pub(crate) fn sha256_file(path: &Path) -> Result<String> {
     let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];

@@ -13,6 +13,7 @@ use std::path::Path;
 use tch::nn::VarStore;
 use tch::Tensor;
 
+pub(crate) use checkpoint::sha256_file;
 pub use checkpoint::{
     checkpoint_paths, save_checkpoint, write_predictions_csv, CheckpointConfig, Classifier,
     Prediction,

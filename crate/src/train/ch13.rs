@@ -147,6 +147,14 @@ pub struct TrainOptions {
     pub quiet: bool,
     /// Entries copied into [`History::config`].
     pub config: BTreeMap<String, String>,
+    /// Keep the training state here (`<stem>.state.safetensors` and `.state.json`: weights,
+    /// BatchNorm statistics, the optimiser's momentum buffers, epochs done, the loader's epoch,
+    /// the history so far), written at the end of each epoch. A run started with a checkpoint
+    /// that exists resumes after its last epoch and gives the history the uninterrupted run
+    /// gives; one whose arguments differ (epochs, batch size, data, learning rates, seed) is an
+    /// error. For a notebook whose kernel was interrupted (which ends the kernel): run the cells
+    /// again, and training picks up where it was.
+    pub checkpoint: Option<std::path::PathBuf>,
 }
 
 impl History {
@@ -223,6 +231,29 @@ pub fn train_ch13_with<N: Replicate>(
 ) -> Result<History> {
     static RUNS: AtomicUsize = AtomicUsize::new(0);
     let run = RUNS.fetch_add(1, Ordering::SeqCst) + 1;
+    let fingerprint = fingerprint(train_iter, test_iter, &*trainer, num_epochs);
+    // A checkpoint to resume from: the model and optimiser as they were after its last epoch.
+    let resumed = match &opts.checkpoint {
+        Some(stem) => super::resume::load(stem, &fingerprint)?,
+        None => None,
+    };
+    if let Some((state, model, optim)) = &resumed {
+        let (tensors_path, json) = super::resume::training_state_paths(
+            opts.checkpoint
+                .as_deref()
+                .unwrap_or_else(|| std::path::Path::new("")),
+        );
+        super::resume::restore_model(&net.named_tensors(), model, &tensors_path)?;
+        trainer.load_state(optim)?;
+        train_iter.set_epoch(state.loader_epoch);
+        if !opts.quiet && crate::dist::is_main_process() {
+            println!(
+                "resuming from {} after epoch {}/{num_epochs}",
+                json.display(),
+                state.epochs_done
+            );
+        }
+    }
     if opts.step.channels_last {
         convert_channels_last(net)?;
     }
@@ -248,7 +279,20 @@ pub fn train_ch13_with<N: Replicate>(
         0.0,
         (num_epochs * num_batches).max(1),
     );
-    for epoch in 0..num_epochs {
+    // What the checkpoint's epochs measured: the group's sums of its last epoch, its step time.
+    let (mut first_epoch, mut prior_step_s, mut prior_wall_s) = (0, 0.0, 0.0);
+    let mut resumed_metric = None;
+    if let Some((state, _, _)) = resumed {
+        first_epoch = state.epochs_done;
+        points = state.points;
+        test_acc = state.test_acc;
+        seen = state.seen;
+        prior_step_s = state.step_s;
+        prior_wall_s = state.timing.wall_s;
+        timing = state.timing;
+        resumed_metric = Some(state.metric);
+    }
+    for epoch in first_epoch..num_epochs {
         metric.reset();
         let mut waiting = std::time::Instant::now();
         for (i, batch) in train_iter.iter().enumerate() {
@@ -275,14 +319,14 @@ pub fn train_ch13_with<N: Replicate>(
                 let (train_loss, train_acc) = (m[0] / m[2], m[1] / m[3]);
                 let seen = m[4];
                 let done = epoch * num_batches + i + 1;
-                let elapsed = start.elapsed().as_secs_f64();
+                let elapsed = prior_wall_s + start.elapsed().as_secs_f64();
                 let eta = elapsed / done as f64 * (total_batches - done) as f64;
                 if !quiet {
                     println!(
                         "epoch {x:.2}/{num_epochs} (batch {}/{num_batches}): loss {train_loss:.3}, train acc {train_acc:.3}, \
                          {:.1} examples/sec, {elapsed:.0} s elapsed, ETA {eta:.0} s",
                         i + 1,
-                        seen / timer.sum().max(1e-9)
+                        seen / (prior_step_s + timer.sum()).max(1e-9)
                     );
                 }
                 points.push(Point {
@@ -308,6 +352,41 @@ pub fn train_ch13_with<N: Replicate>(
             train_acc: None,
             test_acc: Some(test_acc),
         });
+        resumed_metric = None;
+        if let Some(stem) = &opts.checkpoint {
+            // Every rank takes part in the sums; rank 0 writes; all meet after.
+            let m = sum_over_ranks(
+                group.as_deref(),
+                &[metric[0], metric[1], metric[2], metric[3]],
+            )?;
+            let seen_all = sum_over_ranks(group.as_deref(), &[seen])?[0];
+            let mut state = super::resume::TrainState {
+                epochs_done: epoch + 1,
+                fingerprint: fingerprint.clone(),
+                loader_epoch: train_iter.epoch(),
+                points: points.clone(),
+                test_acc,
+                metric: [m[0], m[1], m[2], m[3]],
+                seen: seen_all / world as f64,
+                step_s: prior_step_s + timer.sum(),
+                timing: Timing {
+                    wall_s: prior_wall_s + start.elapsed().as_secs_f64(),
+                    step_s: prior_step_s + timer.sum(),
+                    comm_s: timing.comm_s + parallel.comm_seconds(),
+                    ..timing.clone()
+                },
+                tensors_sha256: String::new(),
+            };
+            let written = if rank == 0 {
+                super::resume::save(stem, &mut state, &net.named_tensors(), &trainer.state()?)
+            } else {
+                Ok(())
+            };
+            if let Some(g) = &group {
+                g.barrier()?;
+            }
+            written?;
+        }
     }
     let mut devices_repr = format!(
         "[{}]",
@@ -320,11 +399,15 @@ pub fn train_ch13_with<N: Replicate>(
     if world > 1 {
         devices_repr = format!("{devices_repr} x {world} processes");
     }
-    // The group's totals: examples and the loss and accuracy sums of the last epoch.
-    let m = sum_over_ranks(
-        group.as_deref(),
-        &[metric[0], metric[1], metric[2], metric[3]],
-    )?;
+    // The group's totals: examples and the loss and accuracy sums of the last epoch (the
+    // checkpoint's, when it had every epoch already).
+    let m = match resumed_metric {
+        Some(m) => m.to_vec(),
+        None => sum_over_ranks(
+            group.as_deref(),
+            &[metric[0], metric[1], metric[2], metric[3]],
+        )?,
+    };
     let mut config = opts.config.clone();
     for (k, v) in [
         ("num_epochs", num_epochs.to_string()),
@@ -345,13 +428,13 @@ pub fn train_ch13_with<N: Replicate>(
         train_loss: m[0] / m[2].max(1.0),
         train_acc: m[1] / m[3].max(1.0),
         test_acc,
-        examples_per_sec: m[2] * num_epochs as f64 / timer.sum().max(1e-9),
+        examples_per_sec: m[2] * num_epochs as f64 / (prior_step_s + timer.sum()).max(1e-9),
         devices: devices_repr,
         config,
         timing: Timing {
-            wall_s: start.elapsed().as_secs_f64(),
-            step_s: timer.sum(),
-            comm_s: parallel.comm_seconds(),
+            wall_s: prior_wall_s + start.elapsed().as_secs_f64(),
+            step_s: prior_step_s + timer.sum(),
+            comm_s: timing.comm_s + parallel.comm_seconds(),
             ..timing
         },
         settings: Settings::current(),
@@ -374,6 +457,33 @@ pub fn train_ch13_with<N: Replicate>(
         }
     }
     Ok(history)
+}
+
+/// What a run is, for a checkpoint to be resumed only by the same run.
+fn fingerprint(
+    train_iter: &DataLoader,
+    test_iter: &DataLoader,
+    trainer: &(impl Trainer + ?Sized),
+    num_epochs: usize,
+) -> BTreeMap<String, String> {
+    let world = crate::dist::default_group().map_or(1, |g| g.world_size());
+    [
+        ("num_epochs", num_epochs.to_string()),
+        ("batch_size", train_iter.batch_size().to_string()),
+        ("train_examples", train_iter.dataset().len().to_string()),
+        ("test_examples", test_iter.dataset().len().to_string()),
+        (
+            "train_root",
+            train_iter.dataset().root().display().to_string(),
+        ),
+        ("shuffle", train_iter.is_shuffled().to_string()),
+        ("seed", train_iter.seed_value().to_string()),
+        ("learning_rates", format!("{:?}", trainer.learning_rates())),
+        ("processes", world.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
 }
 
 /// Puts loaders back to reading whole batches when training ends (also by an error).

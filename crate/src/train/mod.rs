@@ -8,6 +8,7 @@ mod lr_find;
 mod metrics;
 mod optim;
 mod parallel;
+mod resume;
 mod unfreeze;
 
 pub use ch13::{
@@ -24,4 +25,5 @@ pub use parallel::{
     convert_channels_last, cuda_autocast_kind, set_cuda_autocast_bf16, to_channels_last,
     train_batch_ch13, with_precision, DataParallel, Replicate, StepOptions,
 };
+pub use resume::{training_state_paths, TrainState};
 pub use unfreeze::{chapter_sgd, fine_tune_gradual};

@@ -54,8 +54,16 @@ impl From<Vec<Tensor>> for ParamGroup {
 /// # }
 /// ```
 pub struct SGD {
-    opt: COptimizer,
+    /// libtorch's SGD without momentum (no state, PyTorch's arithmetic to the bit).
+    opt: Option<COptimizer>,
     lrs: Vec<f64>,
+    /// The parameters of each group, for the momentum path.
+    groups: Vec<Vec<Tensor>>,
+    momentum: f64,
+    weight_decay: f64,
+    /// With momentum: PyTorch's `momentum_buffer` of each parameter (in group order), made at
+    /// its first update; kept here so that a checkpoint can save them.
+    bufs: Vec<Option<Tensor>>,
 }
 
 impl SGD {
@@ -88,8 +96,13 @@ impl SGD {
                 ));
             }
         }
-        let mut opt = COptimizer::sgd(lr, momentum, 0.0, weight_decay, false)?;
+        let mut opt = if momentum == 0.0 {
+            Some(COptimizer::sgd(lr, 0.0, 0.0, weight_decay, false)?)
+        } else {
+            None
+        };
         let mut lrs = Vec::new();
+        let mut params = Vec::new();
         for (g, group) in groups.into_iter().enumerate() {
             if let Some(bad) = group.params.iter().position(|p| !p.is_leaf()) {
                 return Err(Error::arg(
@@ -100,12 +113,15 @@ impl SGD {
                     ),
                 ));
             }
-            for p in &group.params {
-                opt.add_parameters(p, g)?;
-            }
             let group_lr = group.lr.unwrap_or(lr);
-            opt.set_learning_rate_group(g, group_lr)?;
+            if let Some(opt) = &mut opt {
+                for p in &group.params {
+                    opt.add_parameters(p, g)?;
+                }
+                opt.set_learning_rate_group(g, group_lr)?;
+            }
             lrs.push(group_lr);
+            params.push(group.params);
         }
         if lrs.is_empty() {
             return Err(Error::arg(
@@ -113,7 +129,53 @@ impl SGD {
                 "no parameter groups; give at least one (net.parameters())",
             ));
         }
-        Ok(SGD { opt, lrs })
+        let count = params.iter().map(Vec::len).sum();
+        Ok(SGD {
+            opt,
+            lrs,
+            groups: params,
+            momentum,
+            weight_decay,
+            bufs: (0..count).map(|_| None).collect(),
+        })
+    }
+
+    /// The momentum path: torch.optim.SGD's update (no dampening, no Nesterov) for each
+    /// parameter with a gradient: `d = grad + weight_decay * p`; the buffer `d` at the first
+    /// update, `momentum * buf + d` after; `p -= lr * buf`. It agrees with PyTorch's to float
+    /// rounding (PyTorch fuses `grad + weight_decay * p` and `p - lr * buf` into single
+    /// multiply-adds).
+    fn momentum_step(&mut self) -> Result<()> {
+        let (momentum, wd) = (self.momentum, self.weight_decay);
+        let mut k = 0;
+        tch::no_grad(|| -> Result<()> {
+            for (params, &lr) in self.groups.iter().zip(&self.lrs) {
+                for p in params {
+                    let slot = &mut self.bufs[k];
+                    k += 1;
+                    let grad = p.grad();
+                    if !grad.defined() {
+                        continue;
+                    }
+                    let d = if wd != 0.0 {
+                        grad.f_add(&p.f_mul_scalar(wd)?)?
+                    } else {
+                        grad
+                    };
+                    let buf = match slot.take() {
+                        None => d.f_detach_copy()?,
+                        Some(mut b) => {
+                            let _ = b.f_mul_scalar_(momentum)?;
+                            let _ = b.f_add_(&d)?;
+                            b
+                        }
+                    };
+                    let _ = p.shallow_clone().f_sub_(&buf.f_mul_scalar(lr)?)?;
+                    *slot = Some(buf);
+                }
+            }
+            Ok(())
+        })
     }
 
     /// Each group's learning rate, in order.
@@ -127,7 +189,9 @@ impl SGD {
         let slot = self.lrs.get_mut(group).ok_or_else(|| {
             Error::arg("SGD::set_lr", format!("no group {group} (it has {groups})"))
         })?;
-        self.opt.set_learning_rate_group(group, lr)?;
+        if let Some(opt) = &mut self.opt {
+            opt.set_learning_rate_group(group, lr)?;
+        }
         *slot = lr;
         Ok(())
     }
@@ -135,7 +199,11 @@ impl SGD {
 
 impl std::fmt::Debug for SGD {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "SGD(lrs={:?})", self.lrs)
+        write!(
+            f,
+            "SGD(lrs={:?}, momentum={}, weight_decay={})",
+            self.lrs, self.momentum, self.weight_decay
+        )
     }
 }
 
@@ -149,19 +217,108 @@ pub trait Trainer {
     fn learning_rates(&self) -> Vec<f64> {
         Vec::new()
     }
+    /// The optimiser's state as tensors (momentum buffers), for a training checkpoint; an
+    /// optimiser that cannot give it says so ([`Error::Unsupported`]).
+    fn state(&self) -> Result<Vec<(String, Tensor)>> {
+        Err(Error::Unsupported {
+            what: "this optimiser cannot save its state for a training checkpoint; use d2l::train::SGD"
+                .into(),
+        })
+    }
+    /// Puts back what [`Trainer::state`] gave.
+    fn load_state(&mut self, state: &[(String, Tensor)]) -> Result<()> {
+        let _ = state;
+        Err(Error::Unsupported {
+            what: "this optimiser cannot load a training checkpoint's state; use d2l::train::SGD"
+                .into(),
+        })
+    }
 }
 
 impl Trainer for SGD {
     fn zero_grad(&mut self) -> Result<()> {
-        Ok(self.opt.zero_grad()?)
+        match &mut self.opt {
+            Some(opt) => Ok(opt.zero_grad()?),
+            None => {
+                for p in self.groups.iter().flatten() {
+                    let mut g = p.grad();
+                    if g.defined() {
+                        let _ = g.f_detach_()?;
+                        let _ = g.f_zero_()?;
+                    }
+                }
+                Ok(())
+            }
+        }
     }
 
     fn step(&mut self) -> Result<()> {
-        Ok(self.opt.step()?)
+        match &mut self.opt {
+            Some(opt) => Ok(opt.step()?),
+            None => self.momentum_step(),
+        }
     }
 
     fn learning_rates(&self) -> Vec<f64> {
         self.lrs.clone()
+    }
+
+    /// `momentum_buffer.<k>` for each parameter `k` (in group order) that has one; nothing
+    /// without momentum (plain SGD keeps no state).
+    fn state(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(self
+            .bufs
+            .iter()
+            .enumerate()
+            .filter_map(|(k, b)| {
+                b.as_ref()
+                    .map(|b| (format!("momentum_buffer.{k}"), b.shallow_clone()))
+            })
+            .collect())
+    }
+
+    fn load_state(&mut self, state: &[(String, Tensor)]) -> Result<()> {
+        let mut bufs: Vec<Option<Tensor>> = (0..self.bufs.len()).map(|_| None).collect();
+        for (name, t) in state {
+            let k = name
+                .strip_prefix("momentum_buffer.")
+                .and_then(|k| k.parse::<usize>().ok())
+                .filter(|&k| k < bufs.len())
+                .ok_or_else(|| {
+                    Error::arg(
+                        "SGD::load_state",
+                        format!(
+                            "{name:?} is not a momentum buffer of this optimiser's {} parameters",
+                            bufs.len()
+                        ),
+                    )
+                })?;
+            let p = self
+                .groups
+                .iter()
+                .flatten()
+                .nth(k)
+                .expect("k < the number of parameters");
+            if t.size() != p.size() {
+                return Err(Error::arg(
+                    "SGD::load_state",
+                    format!(
+                        "{name} has shape {:?}, its parameter {:?}",
+                        t.size(),
+                        p.size()
+                    ),
+                ));
+            }
+            bufs[k] = Some(t.f_to_device(p.device())?.f_to_kind(p.kind())?);
+        }
+        if self.momentum == 0.0 && bufs.iter().any(Option::is_some) {
+            return Err(Error::arg(
+                "SGD::load_state",
+                "momentum buffers for an optimiser without momentum",
+            ));
+        }
+        self.bufs = bufs;
+        Ok(())
     }
 }
 
