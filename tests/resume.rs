@@ -215,3 +215,33 @@ fn sgd_momentum_follows_pytorchs_update_and_its_state_round_trips() {
     let mut plain = plain;
     assert!(plain.load_state(&state).is_err());
 }
+
+#[test]
+fn an_optimiser_without_saveable_state_is_refused_before_training() {
+    use d2l::tch::nn::OptimizerConfig;
+    let dir = tempfile::tempdir().unwrap();
+    let (train_iter, test_iter) = tiny_loaders(dir.path(), 32);
+    let vs = VarStore::new(Device::Cpu);
+    let net = resnet18(&vs.root(), 2);
+    let mut adam = d2l::tch::nn::Adam::default().build(&vs, 1e-3).unwrap();
+    let stem = dir.path().join("ckpt/run");
+    let opts = TrainOptions {
+        quiet: true,
+        no_figure: true,
+        checkpoint: Some(stem.clone()),
+        ..Default::default()
+    };
+    let err = train_ch13_with(
+        &net,
+        &train_iter,
+        &test_iter,
+        cross_entropy,
+        &mut adam,
+        1,
+        &d2l::Devices(vec![Device::Cpu]),
+        &opts,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("d2l::train::SGD"), "{err}");
+    assert!(!stem.parent().unwrap().exists(), "it wrote before refusing");
+}

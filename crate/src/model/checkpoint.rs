@@ -46,12 +46,15 @@ pub struct CheckpointConfig {
 /// The two files of a checkpoint named `stem` (`dir/hotdog` -> `dir/hotdog.safetensors`,
 /// `dir/hotdog.json`).
 pub fn checkpoint_paths(stem: &Path) -> (PathBuf, PathBuf) {
-    let with = |ext: &str| {
-        let mut name = stem.file_name().unwrap_or_default().to_os_string();
-        name.push(ext);
-        stem.with_file_name(name)
-    };
-    (with(".safetensors"), with(".json"))
+    (stem_with(stem, ".safetensors"), stem_with(stem, ".json"))
+}
+
+/// `stem` with `suffix` appended to its file name (`dir/run` + `.json` -> `dir/run.json`, also
+/// when the stem has dots of its own).
+pub(crate) fn stem_with(stem: &Path, suffix: &str) -> PathBuf {
+    let mut name = stem.file_name().unwrap_or_default().to_os_string();
+    name.push(suffix);
+    stem.with_file_name(name)
 }
 
 pub(crate) fn sha256_file(path: &Path) -> Result<String> {

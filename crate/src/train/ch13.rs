@@ -234,15 +234,15 @@ pub fn train_ch13_with<N: Replicate>(
     let fingerprint = fingerprint(train_iter, test_iter, &*trainer, num_epochs);
     // A checkpoint to resume from: the model and optimiser as they were after its last epoch.
     let resumed = match &opts.checkpoint {
-        Some(stem) => super::resume::load(stem, &fingerprint)?,
+        Some(stem) => {
+            // An optimiser that cannot save its state fails now, not after an epoch.
+            trainer.state()?;
+            super::resume::load(stem, &fingerprint)?
+        }
         None => None,
     };
-    if let Some((state, model, optim)) = &resumed {
-        let (tensors_path, json) = super::resume::training_state_paths(
-            opts.checkpoint
-                .as_deref()
-                .unwrap_or_else(|| std::path::Path::new("")),
-        );
+    if let (Some(stem), Some((state, model, optim))) = (&opts.checkpoint, &resumed) {
+        let (tensors_path, json) = super::resume::training_state_paths(stem);
         super::resume::restore_model(&net.named_tensors(), model, &tensors_path)?;
         trainer.load_state(optim)?;
         train_iter.set_epoch(state.loader_epoch);

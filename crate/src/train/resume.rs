@@ -17,12 +17,11 @@ use crate::files::{write_atomically, AtomicFile};
 /// tensors as `model.<name>`, the optimiser's as `optim.<name>`) and `<stem>.state.json`
 /// ([`TrainState`]).
 pub fn training_state_paths(stem: &Path) -> (PathBuf, PathBuf) {
-    let with = |ext: &str| {
-        let mut name = stem.file_name().unwrap_or_default().to_os_string();
-        name.push(ext);
-        stem.with_file_name(name)
-    };
-    (with(".state.safetensors"), with(".state.json"))
+    use crate::model::stem_with;
+    (
+        stem_with(stem, ".state.safetensors"),
+        stem_with(stem, ".state.json"),
+    )
 }
 
 /// What a training checkpoint's JSON holds: where the run is, what it measured so far, and what
