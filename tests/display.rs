@@ -230,3 +230,22 @@ fn figures_outside_a_notebook_are_saved_whole_and_their_place_printed() {
     let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
     chapter_animator().save(out.join("animator.png")).unwrap();
 }
+
+#[test]
+fn animator_log_axis_and_legend_corner_refuse_what_matplotlib_refuses() {
+    assert!(d2l::Animator::new().xscale("cubic").is_err());
+    assert!(d2l::Animator::new().legend_loc("middle").is_err());
+    // A log axis cannot start at 0; points at x <= 0 are left out, the rest drawn.
+    let zero = d2l::Animator::new().xscale("log").unwrap().xlim(0.0, 1.0);
+    assert!(zero.to_png().is_err());
+    let mut log = d2l::Animator::new()
+        .xscale("log")
+        .unwrap()
+        .legend_loc("upper left")
+        .unwrap();
+    for x in [0.0, 1e-6, 1e-4, 1e-2, 1.0] {
+        log.add(x, &[Some(x.max(1e-9).log10().abs())]);
+    }
+    assert_eq!(log.to_png().unwrap().size(), (525, 375));
+    assert!(log.to_svg().unwrap().contains("1e-4"));
+}

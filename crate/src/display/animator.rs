@@ -87,6 +87,8 @@ pub struct Animator {
     figsize: (f64, f64),
     /// d2l's `xscale='log'`: x drawn on a log axis.
     xlog: bool,
+    /// Where the legend goes (matplotlib's `loc`); lower right by default.
+    legend_loc: SeriesLabelPosition,
     /// One list of (x, y) points per line.
     lines: Vec<Vec<(f64, f64)>>,
 }
@@ -109,6 +111,7 @@ impl Animator {
             fmts: ["-", "m--", "g-.", "r:"].map(String::from).to_vec(),
             figsize: (3.5, 2.5),
             xlog: false,
+            legend_loc: SeriesLabelPosition::LowerRight,
             lines: Vec::new(),
         }
     }
@@ -148,6 +151,24 @@ impl Animator {
                 return Err(Error::arg(
                     "Animator::xscale",
                     format!("{other:?}: use \"linear\" or \"log\""),
+                ))
+            }
+        };
+        Ok(self)
+    }
+
+    /// The legend's corner, as matplotlib's `loc`: `"lower right"` (the default), `"lower
+    /// left"`, `"upper right"` or `"upper left"`.
+    pub fn legend_loc(mut self, loc: &str) -> Result<Animator> {
+        self.legend_loc = match loc {
+            "lower right" => SeriesLabelPosition::LowerRight,
+            "lower left" => SeriesLabelPosition::LowerLeft,
+            "upper right" => SeriesLabelPosition::UpperRight,
+            "upper left" => SeriesLabelPosition::UpperLeft,
+            other => {
+                return Err(Error::arg(
+                    "Animator::legend_loc",
+                    format!("{other:?}: use \"lower right\", \"lower left\", \"upper right\" or \"upper left\""),
                 ))
             }
         };
@@ -365,6 +386,8 @@ impl Animator {
         let mut chart = ChartBuilder::on(root)
             .margin_top(px(12.0))
             .margin_right(px(10.0))
+            // Room for a y label's glyphs, which plotters draws from the very edge.
+            .margin_left(px(if self.ylabel.is_some() { 6.0 } else { 0.0 }))
             .x_label_area_size(px(if self.xlabel.is_some() { 34.0 } else { 20.0 }))
             .y_label_area_size(px(if self.ylabel.is_some() { 44.0 } else { 32.0 }))
             .build_cartesian_2d(x0..x1, y0..y1)
@@ -457,7 +480,7 @@ impl Animator {
         if !self.legend.is_empty() && !lines.is_empty() {
             chart
                 .configure_series_labels()
-                .position(SeriesLabelPosition::LowerRight)
+                .position(self.legend_loc.clone())
                 .label_font((font::FAMILY, 9.0 * k).into_font())
                 .background_style(WHITE.mix(0.8))
                 .border_style(RGBColor(0xcc, 0xcc, 0xcc))

@@ -81,6 +81,7 @@ impl LrFind {
             .xlabel("learning rate")
             .ylabel("loss")
             .fmts(&["-", "r:"])
+            .legend_loc("upper left")?
             .legend(&["smoothed loss", &format!("valley {:.1e}", self.valley)]);
         for (&lr, &l) in lrs.iter().zip(losses) {
             animator.add(lr, &[Some(l), None]);
