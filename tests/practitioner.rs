@@ -35,6 +35,18 @@ fn devices() -> d2l::Devices {
     d2l::Devices(vec![Device::Cpu])
 }
 
+/// `lr_find` on the CPU with the chapter's optimiser and loss.
+fn find(net: &ResNet, train_iter: &d2l::DataLoader, opts: &LrFindOptions) -> d2l::Result<LrFind> {
+    lr_find(
+        net,
+        train_iter,
+        CrossEntropyLoss::new(Reduction::None),
+        |lr| chapter_sgd(net, lr),
+        &devices(),
+        opts,
+    )
+}
+
 #[test]
 fn lr_find_records_a_growing_rate_suggests_one_and_puts_the_model_back() {
     let dir = tempfile::tempdir().unwrap();
@@ -49,15 +61,7 @@ fn lr_find_records_a_growing_rate_suggests_one_and_puts_the_model_back() {
         stop_div: false,
         ..Default::default()
     };
-    let found = lr_find(
-        &net,
-        &train_iter,
-        CrossEntropyLoss::new(Reduction::None),
-        |lr| chapter_sgd(&net, lr),
-        &devices(),
-        &opts,
-    )
-    .unwrap();
+    let found = find(&net, &train_iter, &opts).unwrap();
     // 12 steps over 3 batches an epoch: the loader went round 4 times.
     assert_eq!(found.lrs.len(), 12);
     assert_eq!(found.lrs[0], 1e-5);
@@ -98,15 +102,7 @@ fn lr_find_records_a_growing_rate_suggests_one_and_puts_the_model_back() {
         end_lr: 0.1,
         ..Default::default()
     };
-    let err = lr_find(
-        &net,
-        &train_iter,
-        cross_entropy,
-        |lr| chapter_sgd(&net, lr),
-        &devices(),
-        &bad,
-    )
-    .unwrap_err();
+    let err = find(&net, &train_iter, &bad).unwrap_err();
     assert!(err.to_string().contains("0 < start_lr < end_lr"), "{err}");
 }
 
@@ -122,15 +118,7 @@ fn lr_find_stops_once_the_loss_diverges() {
         num_it: 40,
         ..Default::default()
     };
-    let found = lr_find(
-        &net,
-        &train_iter,
-        cross_entropy,
-        |lr| chapter_sgd(&net, lr),
-        &devices(),
-        &opts,
-    )
-    .unwrap();
+    let found = find(&net, &train_iter, &opts).unwrap();
     let n = found.losses.len();
     assert!(n < 40, "no stop at lr {:e}", found.lrs[n - 1]);
     let best = found.losses[..n - 1]

@@ -71,6 +71,27 @@ pub(crate) fn sha256_file(path: &Path) -> Result<String> {
     Ok(format!("{:x}", hasher.finalize()))
 }
 
+/// Checks that `file` has the SHA-256 `expected` that `described_in` (the JSON written after
+/// it) names: two files of one save, not of two. `remedy` says what to do otherwise.
+pub(crate) fn check_sha256(
+    file: &Path,
+    expected: &str,
+    described_in: &Path,
+    remedy: &str,
+) -> Result<()> {
+    let actual = sha256_file(file)?;
+    if actual == expected {
+        return Ok(());
+    }
+    Err(Error::Weights {
+        path: file.to_owned(),
+        msg: format!(
+            "SHA-256 {actual} differs from {expected} in {}: the files are not from one save; {remedy}",
+            described_in.display()
+        ),
+    })
+}
+
 /// Saves `net` as a checkpoint named `stem` with the chapter's test transform (`Resize` to
 /// `resize`, `CenterCrop` to `crop`, ImageNet normalisation). Returns the two paths.
 ///
@@ -205,17 +226,12 @@ impl Classifier {
                 ),
             });
         }
-        let actual = sha256_file(&weights)?;
-        if actual != config.weights_sha256 {
-            return Err(Error::Weights {
-                path: weights,
-                msg: format!(
-                    "SHA-256 {actual} differs from {} in {}: the two files are not from one save; save the model again",
-                    config.weights_sha256,
-                    json.display()
-                ),
-            });
-        }
+        check_sha256(
+            &weights,
+            &config.weights_sha256,
+            &json,
+            "save the model again",
+        )?;
         let vs = VarStore::new(device);
         let net = resnet18(&vs.root(), config.classes.len() as i64);
         let state = Tensor::read_safetensors(&weights).map_err(|e| Error::Weights {

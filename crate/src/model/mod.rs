@@ -13,11 +13,11 @@ use std::path::Path;
 use tch::nn::VarStore;
 use tch::Tensor;
 
+pub(crate) use checkpoint::{check_sha256, sha256_file, stem_with};
 pub use checkpoint::{
     checkpoint_paths, save_checkpoint, write_predictions_csv, CheckpointConfig, Classifier,
     Prediction,
 };
-pub(crate) use checkpoint::{sha256_file, stem_with};
 pub use conv::{conv2d, cpu_im2col, set_cpu_im2col, Conv2d};
 pub use export::export_torchscript;
 pub use pth::read_pth;

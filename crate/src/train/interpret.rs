@@ -3,7 +3,7 @@
 use tch::nn::ModuleT;
 use tch::{Device, Kind};
 
-use super::parallel::{to_device, with_precision, StepOptions};
+use super::parallel::{to_device, StepOptions};
 use crate::data::{DataLoader, ImageFolder};
 use crate::display::{confusion_matrix_figure, show_images, Png};
 use crate::error::{Error, Result};
@@ -45,7 +45,8 @@ impl ClassificationInterpretation {
             for batch in data_iter {
                 let (x, y) = batch?;
                 let x = to_device(&x, device, &opts)?;
-                let logits = with_precision(false, || Ok(net.forward_t(&x, false)))?
+                let logits = net
+                    .forward_t(&x, false)
                     .f_to_device(Device::Cpu)?
                     .f_to_kind(Kind::Double)?;
                 if logits.size().last() != Some(&(classes as i64)) {

@@ -112,17 +112,12 @@ pub(crate) fn load(
             ));
         }
     }
-    let actual = crate::model::sha256_file(&tensors_path)?;
-    if actual != state.tensors_sha256 {
-        return Err(Error::Weights {
-            path: tensors_path,
-            msg: format!(
-                "SHA-256 {actual} differs from {} in {}: the files are not from one save; delete both to start afresh",
-                state.tensors_sha256,
-                json.display()
-            ),
-        });
-    }
+    crate::model::check_sha256(
+        &tensors_path,
+        &state.tensors_sha256,
+        &json,
+        "delete both to start afresh",
+    )?;
     let all = Tensor::read_safetensors(&tensors_path).map_err(|e| Error::Weights {
         path: tensors_path.clone(),
         msg: e.to_string(),
