@@ -142,6 +142,8 @@ fn run() -> d2l::Result<()> {
         d2l::tch::set_num_threads(a.threads as i32);
     }
     d2l::model::set_cpu_im2col(a.im2col);
+    // As train_ch13 does (the step-only limit must run under the same allocator settings).
+    let kept = d2l::train::keep_freed_memory();
     let vs = VarStore::new(a.device);
     let net = resnet18(&vs.root(), 2);
     // The chapter's optimiser, as the notebook's `fine_tune` builds it: fc at 10x.
@@ -191,6 +193,9 @@ fn run() -> d2l::Result<()> {
                 "bf16": a.step.bf16, "channels_last": a.step.channels_last, "im2col": a.im2col,
                 "host_input": a.host_input, "device": format!("{:?}", a.device),
                 "peak_rss_mib": peak_rss_mib(),
+                "conv_autotune": d2l::model::conv_autotune(),
+                "keep_freed_memory": kept,
+                "conv_choices": d2l::model::conv_choices(),
             })
         }
         "e2e" => {
@@ -260,6 +265,9 @@ fn run() -> d2l::Result<()> {
                 "threads": d2l::tch::get_num_threads(),
                 "bf16": a.step.bf16, "channels_last": a.step.channels_last, "im2col": a.im2col,
                 "device": format!("{:?}", a.device),
+                "conv_autotune": d2l::model::conv_autotune(),
+                "keep_freed_memory": kept,
+                "conv_choices": d2l::model::conv_choices(),
             })
         }
         other => {

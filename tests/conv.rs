@@ -1,13 +1,17 @@
-//! ResNet's convolution: the CPU im2col path for small outputs gives libtorch's convolution,
-//! values and gradients, and is taken exactly where documented. One test function: the path is a
-//! process-wide switch, and tests in one binary run in parallel.
+//! ResNet's convolution: the CPU im2col path gives libtorch's convolution, values and gradients;
+//! with autotuning off it is taken exactly where documented, with autotuning on each new shape is
+//! timed once, the faster path is kept and used. One test function: the path is a process-wide
+//! switch, and tests in one binary run in parallel.
 //!
 //! Both paths are float32 sums in different orders (and libtorch's order depends on the CPU's
 //! kernels), so neither is held to the other: each is held to the float64 convolution within the
 //! error bound of a float32 sum of products, whatever its order (Higham, *Accuracy and Stability
 //! of Numerical Algorithms*, 2nd ed., §3.1): `|fl(s) - s| <= gamma_K * sum |x_i w_i|`, with
 //! `gamma_K = K u / (1 - K u)` for `K` products and `u = 2^-24`.
-use d2l::model::{conv2d, set_cpu_im2col, Conv2d};
+use d2l::model::{
+    clear_conv_choices, conv2d, conv_choices, set_conv_autotune, set_cpu_im2col, Conv2d, ConvPath,
+    IM2COL_MAX_BYTES,
+};
 use d2l::tch::nn::{Module, VarStore};
 use d2l::tch::{Device, Kind, Tensor};
 
@@ -54,6 +58,8 @@ fn bound_used(got: &Tensor, exact: &Tensor, sum_abs: &Tensor, k: i64) -> f64 {
 #[test]
 fn im2col_path_matches_libtorch_convolution_where_it_is_taken() {
     d2l::tch::manual_seed(0);
+    // The fixed rule first (im2col for at most 4 output positions).
+    set_conv_autotune(false);
     // (c_in, c_out, input side, kernel, stride, padding, im2col expected): ResNet-18's layers
     // at 32 and 64 px, and the first sizes past the threshold.
     let cases = [
@@ -134,4 +140,81 @@ fn im2col_path_matches_libtorch_convolution_where_it_is_taken() {
     let x = Tensor::randn([4, 8, 2, 2], (Kind::Float, Device::Cpu));
     let nhwc = d2l::train::to_channels_last(&x).unwrap();
     assert!(c.uses_im2col(&x) && !nhwc.is_contiguous() && !c.uses_im2col(&nhwc));
+
+    autotuned_choice_is_measured_once_and_used(&c);
+}
+
+/// With autotuning on: a new shape is timed once (forward and backward when gradients are
+/// recorded; forward alone under `no_grad`), the faster path is recorded and `forward` gives that
+/// path's output bit for bit; the input is left as it was and no random number is drawn; a shape
+/// whose im2col buffer is over the limit is not timed at all.
+fn autotuned_choice_is_measured_once_and_used(c: &Conv2d) {
+    let x = Tensor::randn([4, 8, 2, 2], (Kind::Float, Device::Cpu));
+    // The two paths' outputs: the fixed rule takes im2col here, libtorch's when switched off.
+    set_conv_autotune(false);
+    assert!(c.uses_im2col(&x));
+    let by_im2col = c.forward(&x);
+    set_cpu_im2col(false);
+    let by_libtorch = c.forward(&x);
+    set_cpu_im2col(true);
+
+    set_conv_autotune(true);
+    clear_conv_choices();
+    let before = x.copy();
+    d2l::tch::manual_seed(11);
+    let y = c.forward(&x);
+    let drawn = Tensor::randn([8], (Kind::Float, Device::Cpu));
+    d2l::tch::manual_seed(11);
+    let expected = Tensor::randn([8], (Kind::Float, Device::Cpu));
+    assert!(drawn.equal(&expected), "measuring drew random numbers");
+    assert!(x.equal(&before), "measuring changed the input");
+
+    let choices = conv_choices();
+    assert_eq!(choices.len(), 1, "{choices:?}");
+    let choice = &choices[0];
+    assert_eq!(choice.input, [4, 8, 2, 2]);
+    assert_eq!(choice.weight, [8, 8, 3, 3]);
+    assert!(choice.weight_grad && !choice.input_grad, "{choice:?}");
+    for ms in [choice.libtorch_ms, choice.im2col_ms] {
+        assert!(ms.is_finite() && ms > 0.0, "{choice:?}");
+    }
+    let faster = if choice.im2col_ms < choice.libtorch_ms {
+        ConvPath::Im2col
+    } else {
+        ConvPath::Libtorch
+    };
+    assert_eq!(choice.chosen, faster, "{choice:?}");
+    let want = match faster {
+        ConvPath::Im2col => &by_im2col,
+        ConvPath::Libtorch => &by_libtorch,
+    };
+    assert!(
+        y.equal(want),
+        "forward did not take the chosen path ({faster:?})"
+    );
+    assert_eq!(c.path_for(&x), faster);
+
+    // Seen again: not timed again. Under no_grad: a new choice, forward only.
+    let _ = c.forward(&x);
+    assert_eq!(conv_choices().len(), 1);
+    let _ = d2l::tch::no_grad(|| c.forward(&x));
+    let choices = conv_choices();
+    assert_eq!(choices.len(), 2);
+    assert!(choices.iter().any(|ch| !ch.weight_grad && !ch.input_grad));
+    // An input that needs a gradient is another choice (its backward is timed too).
+    let xg = x.detach().set_requires_grad(true);
+    let _ = c.forward(&xg);
+    assert!(conv_choices()
+        .iter()
+        .any(|ch| ch.input_grad && ch.weight_grad));
+    assert_eq!(conv_choices().len(), 3);
+
+    // Over the im2col buffer limit: libtorch's, untimed.
+    let side = 64;
+    let big = Tensor::zeros([16, 8, side, side], (Kind::Float, Device::Cpu));
+    assert!(16 * 8 * 9 * side * side * 4 > IM2COL_MAX_BYTES);
+    assert_eq!(c.path_for(&big), ConvPath::Libtorch);
+    assert_eq!(conv_choices().len(), 3);
+    clear_conv_choices();
+    assert!(conv_choices().is_empty());
 }

@@ -1,27 +1,51 @@
-//! ResNet's convolution (`nn.Conv2d(..., bias=False)`), with a faster CPU path for layers whose
-//! output has only a few positions.
+//! ResNet's convolution (`nn.Conv2d(..., bias=False)`), and on the CPU the faster of two ways to
+//! compute it, chosen by measurement on the machine that runs (as `cudnn.benchmark` does).
 //!
-//! libtorch runs CPU convolutions through oneDNN. For a layer whose output is 1x1 or 2x2 (ResNet's
-//! last stages on 32 or 64 px images) oneDNN's weight gradient is slow: for 512 -> 512 channels,
-//! 3x3, on a `[32, 512, 1, 1]` input it takes 23 ms (2 cores) where the same sums as one matrix
-//! product take 1.9 ms. There, the layer is computed as im2col followed by one matrix product:
-//! the same convolution (it agrees with oneDNN's to float rounding), and autograd's backward of
-//! a matrix product is fast. Larger outputs, other devices and channels-last inputs keep
-//! libtorch's convolution, which is faster there.
-use std::sync::atomic::{AtomicBool, Ordering};
+//! libtorch runs CPU convolutions through oneDNN. For a layer whose output has only a few
+//! positions (ResNet's last stages on 32 or 64 px images) oneDNN's weight gradient can be slow: on
+//! one 2-core machine, for 512 -> 512 channels, 3x3, on a `[32, 512, 1, 1]` input it took 23 ms
+//! where the same sums as one matrix product took 1.9 ms. The same layer can also be computed as
+//! im2col followed by one matrix product (it agrees with oneDNN's to float rounding, and
+//! autograd's backward of a matrix product is plain matrix products). Which one is faster depends
+//! on the CPU and on the kernels libtorch picks for it (`ATEN_CPU_CAPABILITY`,
+//! `ONEDNN_MAX_CPU_ISA`): on an AVX-512 machine oneDNN won for 2x2 outputs that it lost on
+//! another, and with SSE4.1 kernels im2col won by 1.4x. So nothing is fixed: the first time a
+//! layer sees an input shape (and gradient requirement), both ways are timed on that shape,
+//! forward and, when gradients are recorded, backward, and the faster is kept for the rest of the
+//! process ([`conv_choices`] lists what was chosen, and the times).
+//!
+//! Only shapes whose im2col buffer is at most [`IM2COL_MAX_BYTES`] are candidates (like cuDNN's
+//! workspace limit): the buffer is `k*k` times the input, and for large outputs oneDNN's direct
+//! convolution wins anyway. [`set_conv_autotune`]`(false)` or `D2L_CONV_AUTOTUNE=0` turns the
+//! timing off and uses a fixed rule (im2col where an output image has at most 4 positions), which
+//! makes the choice the same in every process: runs compared bit for bit across processes (a
+//! resumed run against an uninterrupted one) need that. [`set_cpu_im2col`]`(false)` uses
+//! libtorch's convolution everywhere (PyTorch's kernels exactly). Other devices and channels-last
+//! inputs always keep libtorch's convolution.
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::Instant;
 
 use tch::nn::{self, Init};
 use tch::{Device, Kind, Tensor};
 
-/// The most output positions an image (`out_h * out_w`) for which the CPU path is im2col and a
-/// matrix product. Measured on 2 cores (ms for forward and backward, batch 32, oneDNN against
-/// im2col): 512 ch 1x1 36.5 / 9.2, 512 ch 2x2 40.7 / 20.9, 256 ch 2x2 6.9 / 5.4, 256 ch 4x4
-/// 14.8 / 16.8, 128 ch 4x4 3.8 / 5.7: oneDNN wins from 4x4 on.
+/// With autotuning off, the most output positions an image (`out_h * out_w`) for which the CPU
+/// path is im2col and a matrix product (measured on one 2-core machine, ms for forward and
+/// backward, batch 32, oneDNN against im2col: 512 ch 1x1 36.5 / 9.2, 512 ch 2x2 40.7 / 20.9,
+/// 256 ch 2x2 6.9 / 5.4, 256 ch 4x4 14.8 / 16.8, 128 ch 4x4 3.8 / 5.7).
 const IM2COL_MAX_POSITIONS: i64 = 4;
+
+/// The largest im2col buffer (`n * c_in*k*k * out_h*out_w` floats) for which im2col is a
+/// candidate at all: 32 MiB (ResNet-18 at 64 px, batch 32, needs at most 19 MiB).
+pub const IM2COL_MAX_BYTES: i64 = 32 << 20;
 
 static IM2COL: AtomicBool = AtomicBool::new(true);
 
-/// Whether ResNet's small CPU convolutions use im2col and a matrix product (the default, `true`)
+/// 0: not yet decided (read `D2L_CONV_AUTOTUNE`), 1: on, 2: off.
+static AUTOTUNE: AtomicU8 = AtomicU8::new(0);
+
+/// Whether ResNet's CPU convolutions may use im2col and a matrix product (the default, `true`)
 /// or libtorch's convolution everywhere (`false`, to compare with PyTorch kernel for kernel).
 /// Process-wide, like `tch::set_num_threads`.
 pub fn set_cpu_im2col(enabled: bool) {
@@ -31,6 +55,109 @@ pub fn set_cpu_im2col(enabled: bool) {
 /// See [`set_cpu_im2col`].
 pub fn cpu_im2col() -> bool {
     IM2COL.load(Ordering::Relaxed) && !LIBTORCH_ONLY.get()
+}
+
+/// Whether the CPU convolution path is chosen by timing both on each new shape (the default;
+/// `D2L_CONV_AUTOTUNE=0` in the environment makes it `false` at start) or by the fixed rule.
+/// Process-wide. Choices already made are kept; [`clear_conv_choices`] forgets them.
+pub fn set_conv_autotune(enabled: bool) {
+    AUTOTUNE.store(if enabled { 1 } else { 2 }, Ordering::Relaxed);
+}
+
+/// See [`set_conv_autotune`].
+pub fn conv_autotune() -> bool {
+    match AUTOTUNE.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            let off = std::env::var("D2L_CONV_AUTOTUNE").is_ok_and(|v| v.trim() == "0");
+            // Another thread may have set it meanwhile: keep its value.
+            let _ = AUTOTUNE.compare_exchange(
+                0,
+                if off { 2 } else { 1 },
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+            AUTOTUNE.load(Ordering::Relaxed) == 1
+        }
+    }
+}
+
+/// How a CPU convolution is computed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+pub enum ConvPath {
+    /// libtorch's `conv2d` (oneDNN on the CPU): what PyTorch runs.
+    Libtorch,
+    /// im2col, then one matrix product.
+    Im2col,
+}
+
+/// One measured choice: the shape (its batch size rounded up to a power of two: batches of 17 to
+/// 32 images share the choice measured on the first of them), whether gradients were recorded (then the times include the
+/// backward), the milliseconds of each path (the least of a few runs) and the one kept.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ConvChoice {
+    /// `[n, c_in, h, w]`, `n` rounded up to a power of two.
+    pub input: [i64; 4],
+    /// `[c_out, c_in, k, k]`.
+    pub weight: [i64; 4],
+    pub stride: i64,
+    pub padding: i64,
+    /// Whether the input and the weight needed gradients (the backward was timed for those).
+    pub input_grad: bool,
+    pub weight_grad: bool,
+    pub libtorch_ms: f64,
+    pub im2col_ms: f64,
+    pub chosen: ConvPath,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Key {
+    input: [i64; 4],
+    weight: [i64; 4],
+    stride: i64,
+    padding: i64,
+    input_grad: bool,
+    weight_grad: bool,
+}
+
+/// Below this ratio of the two paths' times, each is timed a second time before choosing.
+const MEASURE_AGAIN_BELOW: f64 = 1.25;
+
+/// Past this ratio in the warm-up runs the slower path has lost: no timed runs.
+const LOST_IN_WARM_UP: f64 = 2.5;
+
+/// Batch sizes that share a choice: a power of two and the sizes just below it (an epoch's last,
+/// partial batch, an evaluation's), so that they are not timed again.
+fn batch_bucket(n: i64) -> i64 {
+    (n.max(1) as u64).next_power_of_two() as i64
+}
+
+fn choices() -> &'static Mutex<HashMap<Key, ConvChoice>> {
+    static CHOICES: OnceLock<Mutex<HashMap<Key, ConvChoice>>> = OnceLock::new();
+    CHOICES.get_or_init(Default::default)
+}
+
+/// The choices this process has measured so far, in no particular order.
+pub fn conv_choices() -> Vec<ConvChoice> {
+    let map = choices().lock().unwrap_or_else(|e| e.into_inner());
+    map.values().cloned().collect()
+}
+
+/// Forgets every measured choice: the next call of each shape measures again.
+pub fn clear_conv_choices() {
+    choices().lock().unwrap_or_else(|e| e.into_inner()).clear();
+}
+
+/// Whether autograd records operations on this thread now (`torch.is_grad_enabled()`).
+fn grad_enabled() -> bool {
+    // SAFETY: plain calls into libtorch's thread-local grad mode; the second restores the first's
+    // previous value.
+    unsafe {
+        let prev = torch_sys::at_grad_set_enabled(0);
+        torch_sys::at_grad_set_enabled(prev);
+        prev != 0
+    }
 }
 
 thread_local! {
@@ -81,9 +208,9 @@ impl Conv2d {
         (out(h), out(w))
     }
 
-    /// Whether `forward` on `xs` takes the im2col path: a contiguous f32 CPU batch whose output
-    /// has at most 4 positions an image, while [`cpu_im2col`] is on.
-    pub fn uses_im2col(&self, xs: &Tensor) -> bool {
+    /// The output positions an image when `xs` may take the im2col path at all: a contiguous
+    /// f32 CPU batch, [`cpu_im2col`] on, a buffer of at most [`IM2COL_MAX_BYTES`].
+    fn im2col_positions(&self, xs: &Tensor) -> Option<i64> {
         let size = xs.size();
         if size.len() != 4
             || xs.device() != Device::Cpu
@@ -91,26 +218,147 @@ impl Conv2d {
             || !xs.is_contiguous()
             || !cpu_im2col()
         {
-            return false;
+            return None;
         }
         let (oh, ow) = self.out_size(size[2], size[3]);
-        oh > 0 && ow > 0 && oh * ow <= IM2COL_MAX_POSITIONS
+        let k = self.ws.size()[2];
+        let bytes = size[0] * size[1] * k * k * oh * ow * 4;
+        (oh > 0 && ow > 0 && bytes <= IM2COL_MAX_BYTES).then_some(oh * ow)
+    }
+
+    /// The path `forward` takes for `xs`. With autotuning on (see the module's text), a shape
+    /// seen for the first time is measured first (both paths run on `xs`, which is not changed).
+    pub fn path_for(&self, xs: &Tensor) -> ConvPath {
+        let Some(positions) = self.im2col_positions(xs) else {
+            return ConvPath::Libtorch;
+        };
+        if !conv_autotune() {
+            return if positions <= IM2COL_MAX_POSITIONS {
+                ConvPath::Im2col
+            } else {
+                ConvPath::Libtorch
+            };
+        }
+        let grad = grad_enabled();
+        let dims = |t: &Tensor| -> [i64; 4] {
+            let s = t.size();
+            [s[0], s[1], s[2], s[3]]
+        };
+        let mut input = dims(xs);
+        input[0] = batch_bucket(input[0]);
+        let key = Key {
+            input,
+            weight: dims(&self.ws),
+            stride: self.stride,
+            padding: self.padding,
+            input_grad: grad && xs.requires_grad(),
+            weight_grad: grad && self.ws.requires_grad(),
+        };
+        // Held while measuring, so that two threads never time at once.
+        let mut map = choices().lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(choice) = map.get(&key) {
+            return choice.chosen;
+        }
+        let choice = self.measure(xs, key);
+        let chosen = choice.chosen;
+        map.insert(key, choice);
+        chosen
+    }
+
+    /// Whether `forward` on `xs` takes the im2col path (see [`Conv2d::path_for`]).
+    pub fn uses_im2col(&self, xs: &Tensor) -> bool {
+        self.path_for(xs) == ConvPath::Im2col
+    }
+
+    /// Times both paths on `xs`'s shape: a warm-up run each (where one took over 2.5 times the
+    /// other, that decides), then a timed run each, and a second (in the other order) unless one
+    /// took over 1.25 times the other; forward plus (when `key` says gradients are recorded) the backward to what
+    /// needs a gradient. The least time of each counts. Uses `xs` and the weight as they are
+    /// (detached: nothing of theirs changes, no random numbers are drawn).
+    fn measure(&self, xs: &Tensor, key: Key) -> ConvChoice {
+        let x = xs.detach().set_requires_grad(key.input_grad);
+        let w = self.ws.detach().set_requires_grad(key.weight_grad);
+        let mut wrt = Vec::new();
+        if key.input_grad {
+            wrt.push(&x);
+        }
+        if key.weight_grad {
+            wrt.push(&w);
+        }
+        let run = |path: ConvPath| -> f64 {
+            let start = Instant::now();
+            let y = self.compute(path, &x, &w);
+            if !wrt.is_empty() {
+                let grads = Tensor::run_backward(&[y.sum(Kind::Float)], &wrt, false, false);
+                drop(grads);
+            }
+            drop(y);
+            start.elapsed().as_secs_f64() * 1e3
+        };
+        // best[0]: libtorch, best[1]: im2col.
+        let mut best = [f64::INFINITY; 2];
+        let time = |best: &mut [f64; 2], order: [ConvPath; 2]| {
+            for path in order {
+                let ms = run(path);
+                let i = usize::from(path == ConvPath::Im2col);
+                best[i] = best[i].min(ms);
+            }
+        };
+        time(&mut best, [ConvPath::Libtorch, ConvPath::Im2col]); // warm-up
+        if best[0].max(best[1]) < LOST_IN_WARM_UP * best[0].min(best[1]) {
+            best = [f64::INFINITY; 2];
+            time(&mut best, [ConvPath::Libtorch, ConvPath::Im2col]);
+            // A clear loser (by more than MEASURE_AGAIN_BELOW) needs no second sample.
+            if best[0].max(best[1]) < MEASURE_AGAIN_BELOW * best[0].min(best[1]) {
+                time(&mut best, [ConvPath::Im2col, ConvPath::Libtorch]);
+            }
+        }
+        let [lib, col] = best;
+        ConvChoice {
+            input: key.input,
+            weight: key.weight,
+            stride: key.stride,
+            padding: key.padding,
+            input_grad: key.input_grad,
+            weight_grad: key.weight_grad,
+            libtorch_ms: lib,
+            im2col_ms: col,
+            chosen: if col < lib {
+                ConvPath::Im2col
+            } else {
+                ConvPath::Libtorch
+            },
+        }
+    }
+
+    fn compute(&self, path: ConvPath, xs: &Tensor, ws: &Tensor) -> Tensor {
+        match path {
+            ConvPath::Im2col => self.im2col_forward(xs, ws),
+            ConvPath::Libtorch => xs.conv2d(
+                ws,
+                None::<&Tensor>,
+                [self.stride; 2],
+                [self.padding; 2],
+                [1, 1],
+                1,
+            ),
+        }
     }
 
     /// The convolution as im2col and one matrix product.
     ///
     /// # Shapes
     /// `[n, c, h, w]` -> cols `[n, c*k*k, l]` -> `[n*l, c*k*k] x [c*k*k, c_out]` -> `[n, c_out, oh, ow]`
-    fn im2col_forward(&self, xs: &Tensor) -> Tensor {
+    fn im2col_forward(&self, xs: &Tensor, ws: &Tensor) -> Tensor {
         let size = xs.size();
         let (n, h, w) = (size[0], size[2], size[3]);
-        let (c_out, k) = (self.ws.size()[0], self.ws.size()[2]);
+        let (c_out, k) = (ws.size()[0], ws.size()[2]);
         let (oh, ow) = self.out_size(h, w);
         let l = oh * ow;
         let cols = xs.im2col([k, k], [1, 1], [self.padding; 2], [self.stride; 2]); // [n, c*k*k, l]
         cols.transpose(1, 2)
             .reshape([n * l, -1])
-            .mm(&self.ws.reshape([c_out, -1]).tr()) // [n*l, c_out]
+            .mm(&ws.reshape([c_out, -1]).tr()) // [n*l, c_out]
             .reshape([n, l, c_out])
             .transpose(1, 2)
             .contiguous() // NCHW: as a view this would be channels-last, slow in later layers
@@ -120,16 +368,6 @@ impl Conv2d {
 
 impl nn::Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Tensor {
-        if self.uses_im2col(xs) {
-            return self.im2col_forward(xs);
-        }
-        xs.conv2d(
-            &self.ws,
-            None::<&Tensor>,
-            [self.stride; 2],
-            [self.padding; 2],
-            [1, 1],
-            1,
-        )
+        self.compute(self.path_for(xs), xs, &self.ws)
     }
 }

@@ -18,7 +18,10 @@ pub use checkpoint::{
     checkpoint_paths, save_checkpoint, write_predictions_csv, CheckpointConfig, Classifier,
     Prediction,
 };
-pub use conv::{conv2d, cpu_im2col, set_cpu_im2col, Conv2d};
+pub use conv::{
+    clear_conv_choices, conv2d, conv_autotune, conv_choices, cpu_im2col, set_conv_autotune,
+    set_cpu_im2col, Conv2d, ConvChoice, ConvPath, IM2COL_MAX_BYTES,
+};
 pub use export::export_torchscript;
 pub use pth::read_pth;
 pub use resnet::{linear, resnet18, Linear, ResNet};
