@@ -157,7 +157,7 @@ impl DataLoader {
 
     /// One epoch of batches.
     pub fn iter(&self) -> Batches {
-        keep_freed_memory();
+        crate::train::keep_freed_memory();
         let epoch = self.epoch.fetch_add(1, Ordering::SeqCst);
         let mut order: Vec<usize> = (0..self.dataset.len()).collect();
         if self.shuffle {
@@ -550,27 +550,6 @@ impl Shared {
 /// critical section here finishes its updates before anything can panic).
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// Lets freed image buffers be reused instead of returned to the system and faulted in again.
-///
-/// Every sample allocates a few buffers of 0.1-1 MB (decoded image, crop, tensor). glibc's
-/// malloc serves those with mmap or trims them back to the system depending on a threshold it
-/// adjusts as it goes, so the same run can spend a third of its time in page faults or none
-/// (measured here: 202k against 94k faults, 640 against 1000 images/s, from nothing more than
-/// the program's path). Fixed thresholds make it steady. Process-wide, so set once.
-fn keep_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        static SET: std::sync::Once = std::sync::Once::new();
-        SET.call_once(|| {
-            // SAFETY: mallopt only changes allocator parameters; any value is valid.
-            unsafe {
-                libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
-                libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
-            }
-        });
-    }
 }
 
 /// A batch of no samples: `[0, 3, 0, 0]` images and `[0]` labels.

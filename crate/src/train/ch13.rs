@@ -231,6 +231,7 @@ pub fn train_ch13_with<N: Replicate>(
 ) -> Result<History> {
     static RUNS: AtomicUsize = AtomicUsize::new(0);
     let run = RUNS.fetch_add(1, Ordering::SeqCst) + 1;
+    super::keep_freed_memory();
     let fingerprint = fingerprint(train_iter, test_iter, &*trainer, num_epochs);
     // A checkpoint to resume from: the model and optimiser as they were after its last epoch.
     let resumed = match &opts.checkpoint {

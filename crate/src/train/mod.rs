@@ -5,6 +5,7 @@ mod interpret;
 mod interrupt;
 mod loss;
 mod lr_find;
+mod memory;
 mod metrics;
 mod optim;
 mod parallel;
@@ -19,6 +20,7 @@ pub use interpret::ClassificationInterpretation;
 pub use interrupt::{install_ctrl_c_handler, request_stop, stop_requested};
 pub use loss::{cross_entropy, CrossEntropyLoss, Loss};
 pub use lr_find::{lr_find, LrFind, LrFindOptions};
+pub use memory::keep_freed_memory;
 pub use metrics::{accuracy, Accumulator, Timer};
 pub use optim::{ParamGroup, Trainer, SGD};
 pub use parallel::{
