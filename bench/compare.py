@@ -78,7 +78,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bin-dir", type=Path, default=ROOT / "target" / "release" / "examples")
     ap.add_argument("--python", default=sys.executable, help="python with torch and torchvision")
-    ap.add_argument("--data", type=Path, default=ROOT / "target" / "bench" / "chapter-data")
+    ap.add_argument("--data", type=Path, default=None,
+                    help="where the data set is made (default: target/bench/chapter-data or target/bench/photos)")
+    ap.add_argument("--source", choices=["synthetic", "photos"], default="synthetic",
+                    help="synthetic: bench_data make's drawn images; photos: bench/photos.py's crops of "
+                         "scikit-image's sample photographs (real-photo JPEG decoding)")
     ap.add_argument("--per-class", type=int, default=300, help="training images per class")
     ap.add_argument("--test-per-class", type=int, default=None, help="test images per class (default: a quarter "
                                                                      "of --per-class; the chapter's: 1000 and 400)")
@@ -115,10 +119,17 @@ def main():
     t = time.perf_counter()
     if args.test_per_class is None:
         args.test_per_class = args.per_class // 4
-    data = subprocess.run([bench_data, "make", args.data, str(args.per_class), str(args.test_per_class)],
-                          capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-    print(f"data: {data} ({args.per_class} + {args.test_per_class} per class; {time.perf_counter() - t:.1f} s)",
-          flush=True)
+    if args.source == "photos":
+        args.data = args.data or ROOT / "target" / "bench" / "photos"
+        make = [args.python, ROOT / "bench" / "photos.py", args.data, "--per-class", str(args.per_class),
+                "--test-per-class", str(args.test_per_class)]
+    else:
+        args.data = args.data or ROOT / "target" / "bench" / "chapter-data"
+        make = [bench_data, "make", args.data, str(args.per_class), str(args.test_per_class)]
+    data = subprocess.run([str(c) for c in make], capture_output=True, text=True,
+                          check=True).stdout.strip().splitlines()[-1]
+    print(f"data: {data} ({args.source}, {args.per_class} + {args.test_per_class} per class; "
+          f"{time.perf_counter() - t:.1f} s)", flush=True)
 
     size = ["--crop", args.crop, "--resize", args.resize, "--batch", args.batch, "--epochs", args.epochs,
             "--device", args.device]
@@ -157,9 +168,11 @@ def main():
         report = {
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "complete": complete,
             "elapsed_s": time.perf_counter() - started,
-            "machine": {"node": platform.node(), "cores": os.cpu_count(), "device": args.device, "gpu": gpu},
+            "machine": {"node": platform.node(), "cores": os.cpu_count(), "device": args.device, "gpu": gpu,
+                        "cpu": cpu_model(), "kernels": kernel_env()},
             "settings": {k: v for k, v in vars(args).items() if k in ("crop", "resize", "batch", "epochs", "steps",
-                                                                        "reps", "workers", "per_class", "test_per_class")},
+                                                                        "reps", "workers", "per_class", "test_per_class",
+                                                                        "source")},
             **summarize(results, step_results, pipeline, args.workers),
             "failed": failed, "notebook": notebook,
             "runs": {"e2e": results, "step": step_results, "pipeline": pipeline},
@@ -276,6 +289,25 @@ def time_shares(rows):
         shares.append({"steps": t["step_s"] / t["wall_s"], "wait": t["data_wait_s"] / t["wall_s"],
                        "eval": t["eval_s"] / t["wall_s"], "rest": rest / t["wall_s"]})
     return {k: median(shares, k) for k in ("steps", "wait", "eval", "rest")}
+
+
+def cpu_model():
+    """The CPU's model name and its vector extensions (the figures hold for this CPU only)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {"model": platform.processor() or None, "flags": []}
+    first = info.split("\n\n")[0]
+    fields = dict(line.split(":", 1) for line in first.splitlines() if ":" in line)
+    flags = fields.get("flags", "").split()
+    wanted = ("sse4_1", "sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
+              "amx_tile")
+    return {"model": fields.get("model name", "").strip(), "flags": [f for f in wanted if f in flags]}
+
+
+def kernel_env():
+    """The variables that change the kernels libtorch picks, as set for this run."""
+    return {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ}
 
 
 def gpu_name():

@@ -77,7 +77,10 @@ def main():
     m, s = report["machine"], report["settings"]
     print(f"{report['date']}, {m['node']} ({m['cores']} cores, {m['device']}{', ' + m['gpu'] if m.get('gpu') else ''}); "
           f"{s['epochs']} epochs, {s['per_class']} + {s.get('test_per_class', s['per_class'] // 4)} images a class, "
-          f"medians of {s['reps']}")
+          f"medians of {s['reps']}; data: {s.get('source', 'synthetic')}")
+    if m.get("cpu"):
+        kernels = ", ".join(f"{k}={v}" for k, v in m.get("kernels", {}).items()) or "libtorch's default kernels"
+        print(f"CPU: {m['cpu']['model']} ({' '.join(m['cpu']['flags'])}); {kernels}")
     print()
     print("\n".join(describe(report)))
     ok = report.get("complete", True) and not report.get("failed")
