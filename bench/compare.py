@@ -298,7 +298,7 @@ def cpu_model():
     except OSError:
         return {"model": platform.processor() or None, "flags": []}
     first = info.split("\n\n")[0]
-    fields = dict(line.split(":", 1) for line in first.splitlines() if ":" in line)
+    fields = {k.strip(): v for k, v in (line.split(":", 1) for line in first.splitlines() if ":" in line)}
     flags = fields.get("flags", "").split()
     wanted = ("sse4_1", "sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
               "amx_tile")
