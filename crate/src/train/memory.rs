@@ -11,7 +11,7 @@
 //! heaps and never to trim them: a freed block is reused by the next step or sample. (An earlier
 //! version set `M_MMAP_THRESHOLD` to 64 MiB, which glibc refuses above 32 MiB; its trim setting
 //! still turned the adaptive threshold off, pinning it at 128 KiB: every activation was mapped
-//! afresh each step once a loader had started, and a 64 px step ran at 0.85x.)
+//! afresh each step once a loader had started.)
 //! (PyTorch's CPU tuning guide gets the same by preloading jemalloc or tcmalloc.) The process
 //! keeps its high-water mark of memory until it ends, which it reaches during training anyway.
 use std::sync::OnceLock;
