@@ -67,6 +67,11 @@ fn in_f64(net: &ResNet) -> (VarStore, ResNet) {
 
 #[test]
 fn channels_last_gives_nhwc_strides_and_the_same_step() {
+    // The fixed convolution rule, not one timed in this run: this tiny step (BatchNorm over 32
+    // values a channel in the last stage) amplifies rounding, and the float32 reference's error
+    // moved past MEANINGFUL (1.7e-3, 4.5e-3 in two kernel rows) when the timed choice took
+    // other, equally exact, paths. Process-wide, so every test here gets it.
+    d2l::model::set_conv_autotune(false);
     d2l::tch::manual_seed(1);
     let vs = VarStore::new(Device::Cpu);
     let net = resnet18(&vs.root(), 2);
