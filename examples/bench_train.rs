@@ -268,6 +268,7 @@ fn run() -> d2l::Result<()> {
                 "conv_autotune": d2l::model::conv_autotune(),
                 "keep_freed_memory": kept,
                 "conv_choices": d2l::model::conv_choices(),
+                "layout_trial": h.layout_trial,
             })
         }
         other => {

@@ -17,9 +17,10 @@ const EPOCHS: usize = 4;
 /// 0.9 (so that the optimiser has state), checkpointed under `D2L_TEST_STEM`; prints the
 /// history's numbers and each tensor's sum.
 fn train_run(stem: &Path, data: &Path) -> d2l::Result<String> {
-    // The same convolution path in every process (a timed choice could differ between the
-    // uninterrupted run and the resumed one, and so would the last bits).
+    // The same convolution path and memory layout in every process (a timed choice could
+    // differ between the uninterrupted run and the resumed one, and so would the last bits).
     d2l::model::set_conv_autotune(false);
+    set_layout_autotune(false);
     d2l::tch::set_num_threads(1);
     let epochs = std::env::var("D2L_TEST_EPOCHS").map_or(EPOCHS, |v| v.parse().unwrap());
     let (train_iter, test_iter) = tiny_loaders(data, 32);

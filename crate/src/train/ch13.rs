@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use serde::{Deserialize, Serialize};
 use tch::nn::ModuleT;
 
+use super::layout::{layout_autotune, LayoutTrial, Trial};
 use super::parallel::{
     convert_channels_last, to_device, train_batch_ch13, with_precision, DataParallel, Replicate,
     StepOptions,
@@ -108,6 +109,10 @@ pub struct History {
     /// Where the run's wall time went.
     #[serde(default)]
     pub timing: Timing,
+    /// On the CPU, what the timing of the two memory layouts found (see
+    /// [`set_layout_autotune`](super::set_layout_autotune)); `None` where there was none.
+    #[serde(default)]
+    pub layout_trial: Option<LayoutTrial>,
     /// The chapter's settings this run was made under (the book's, or the offline stand-in's),
     /// when a notebook or program chose them ([`Settings::auto`]).
     #[serde(default)]
@@ -268,6 +273,22 @@ pub fn train_ch13_with<N: Replicate>(
     test_iter.set_shard(rank, world)?;
     let _unshard = Unshard([train_iter, test_iter]);
     let quiet = opts.quiet || rank != 0;
+    // On one CPU, NCHW or channels-last by timing (see super::layout).
+    let trial = (layout_autotune()
+        && group.is_none()
+        && devices.len() == 1
+        && devices[0] == tch::Device::Cpu
+        && !opts.step.channels_last
+        && !opts.step.bf16
+        && net
+            .named_tensors()
+            .iter()
+            .any(|(_, t)| t.dim() == 4 && t.kind() == tch::Kind::Float))
+    .then(|| Trial::new(train_iter.batch_size() as i64));
+    // The model goes back in the standard layout however the run ends.
+    let mut trial = TrialGuard { net, trial };
+    let trial = &mut trial.trial;
+    let mut step_opts = opts.step.clone();
     let mut timer = Timer::new();
     let num_batches = train_iter.len();
     let points_at = plot_points(num_batches);
@@ -305,10 +326,19 @@ pub fn train_ch13_with<N: Replicate>(
                 });
             }
             let (x, y) = batch?;
+            let n = x.size()[0];
+            if let Some(t) = trial.as_mut() {
+                t.before_step(net, n, i == 0)?;
+                step_opts.channels_last = t.channels_last() && x.dim() == 4;
+            }
             timer.start();
-            let (l, acc) = train_batch_ch13(&mut parallel, &x, &y, &loss, trainer, &opts.step)?;
+            let (l, acc) = train_batch_ch13(&mut parallel, &x, &y, &loss, trainer, &step_opts)?;
             metric.add(&[l, acc, y.size()[0] as f64, y.numel() as f64]);
-            timer.stop();
+            let step_s = timer.stop();
+            if let Some(t) = trial.as_mut() {
+                t.after_step(net, n, i == 0, step_s)?;
+                step_opts.channels_last = t.channels_last();
+            }
             seen += y.size()[0] as f64;
             if points_at.contains(&i) {
                 let x = epoch as f64 + (i + 1) as f64 / num_batches as f64;
@@ -340,7 +370,7 @@ pub fn train_ch13_with<N: Replicate>(
             waiting = std::time::Instant::now();
         }
         let evaluating = std::time::Instant::now();
-        let (correct, total) = count_correct(net, test_iter, devices[0], &opts.step)?;
+        let (correct, total) = count_correct(net, test_iter, devices[0], &step_opts)?;
         let counts = sum_over_ranks(group.as_deref(), &[correct, total])?;
         test_acc = counts[0] / counts[1].max(1.0);
         timing.eval_s += evaluating.elapsed().as_secs_f64();
@@ -418,11 +448,18 @@ pub fn train_ch13_with<N: Replicate>(
         ("test_examples", test_iter.dataset().len().to_string()),
         ("learning_rates", format!("{:?}", trainer.learning_rates())),
         ("bf16", opts.step.bf16.to_string()),
-        ("channels_last", opts.step.channels_last.to_string()),
+        (
+            "channels_last",
+            match trial.as_ref().and_then(|t| t.decided()) {
+                Some(cl) => format!("{cl} (timed)"),
+                None => opts.step.channels_last.to_string(),
+            },
+        ),
         ("processes", world.to_string()),
     ] {
         config.entry(k.to_owned()).or_insert(v);
     }
+    let layout_trial = trial.take().map(|t| t.finish(net)).transpose()?;
     let history = History {
         points,
         num_epochs,
@@ -438,6 +475,7 @@ pub fn train_ch13_with<N: Replicate>(
             comm_s: timing.comm_s + parallel.comm_seconds(),
             ..timing
         },
+        layout_trial,
         settings: Settings::current(),
     };
     if rank == 0 {
@@ -485,6 +523,20 @@ fn fingerprint(
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
     .collect()
+}
+
+/// Ends a layout trial that a run left (an error, a stop) with the model in the standard layout.
+struct TrialGuard<'a, N: Replicate> {
+    net: &'a N,
+    trial: Option<Trial>,
+}
+
+impl<N: Replicate> Drop for TrialGuard<'_, N> {
+    fn drop(&mut self) {
+        if let Some(t) = self.trial.take() {
+            let _ = t.finish(self.net);
+        }
+    }
 }
 
 /// Puts loaders back to reading whole batches when training ends (also by an error).

@@ -3,6 +3,7 @@
 mod ch13;
 mod interpret;
 mod interrupt;
+mod layout;
 mod loss;
 mod lr_find;
 mod memory;
@@ -18,6 +19,7 @@ pub use ch13::{
 };
 pub use interpret::ClassificationInterpretation;
 pub use interrupt::{install_ctrl_c_handler, request_stop, stop_requested};
+pub use layout::{convert_contiguous, layout_autotune, set_layout_autotune, LayoutTrial};
 pub use loss::{cross_entropy, CrossEntropyLoss, Loss};
 pub use lr_find::{lr_find, LrFind, LrFindOptions};
 pub use memory::keep_freed_memory;

@@ -61,6 +61,11 @@ impl History {
                 eval_s: self.timing.eval_s + next.timing.eval_s,
                 comm_s: self.timing.comm_s + next.timing.comm_s,
             },
+            // The second stage's (it trained the whole model), else the first's.
+            layout_trial: next
+                .layout_trial
+                .clone()
+                .or_else(|| self.layout_trial.clone()),
             settings: next.settings.clone(),
         }
     }
