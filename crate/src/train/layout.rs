@@ -7,9 +7,11 @@
 //! an earlier 2-core machine channels-last took 1.2-1.3 times as long at 64 px. So
 //! [`train_ch13`](super::train_ch13) times both on its first full-size batches: the first
 //! step in NCHW and the second in channels-last warm up (oneDNN builds its kernels for each
-//! layout's shapes), then one step in each is timed, NCHW first; where neither is 15% faster,
-//! two more (channels-last first, so that a drift in the machine's speed cancels) and the sums
-//! decide. The rest of the run, evaluation included, uses the faster layout; when it ends the
+//! layout's shapes), then one step in each is timed, NCHW first. Where neither is 15% faster,
+//! one more each (channels-last first, so that a drift in the machine's speed falls on both), and
+//! where the quickest steps still differ by under 5%, a third pair; the quickest step of each
+//! decides (the loader and other programs only ever slow a step down). An epoch's first step is
+//! not timed: the loader is then decoding the epoch's first batches at once. The rest of the run, evaluation included, uses the faster layout; when it ends the
 //! model is given back in the standard layout. These are real training steps, the same
 //! arithmetic in another order, so the trial costs only the slower layout's extra time on a few
 //! steps. [`History::layout_trial`](super::History::layout_trial) keeps the times.
