@@ -25,6 +25,7 @@ pub mod files;
 pub mod model;
 pub mod offline;
 mod settings;
+mod switch;
 pub mod train;
 
 pub use data::{download, download_extract, DataLoader, ImageFolder, DATA_HUB, DATA_URL};

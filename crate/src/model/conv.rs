@@ -23,12 +23,14 @@
 //! libtorch's convolution everywhere (PyTorch's kernels exactly). Other devices and channels-last
 //! inputs always keep libtorch's convolution.
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
 use tch::nn::{self, Init};
 use tch::{Device, Kind, Tensor};
+
+use crate::switch::EnvSwitch;
 
 /// With autotuning off, the most output positions an image (`out_h * out_w`) for which the CPU
 /// path is im2col and a matrix product (measured on one 2-core machine, ms for forward and
@@ -46,8 +48,7 @@ pub const IM2COL_MAX_BYTES: i64 = 8 << 20;
 
 static IM2COL: AtomicBool = AtomicBool::new(true);
 
-/// 0: not yet decided (read `D2L_CONV_AUTOTUNE`), 1: on, 2: off.
-static AUTOTUNE: AtomicU8 = AtomicU8::new(0);
+static AUTOTUNE: EnvSwitch = EnvSwitch::new("D2L_CONV_AUTOTUNE");
 
 /// Whether ResNet's CPU convolutions may use im2col and a matrix product (the default, `true`)
 /// or libtorch's convolution everywhere (`false`, to compare with PyTorch kernel for kernel).
@@ -65,26 +66,12 @@ pub fn cpu_im2col() -> bool {
 /// `D2L_CONV_AUTOTUNE=0` in the environment makes it `false` at start) or by the fixed rule.
 /// Process-wide. Choices already made are kept; [`clear_conv_choices`] forgets them.
 pub fn set_conv_autotune(enabled: bool) {
-    AUTOTUNE.store(if enabled { 1 } else { 2 }, Ordering::Relaxed);
+    AUTOTUNE.set(enabled);
 }
 
 /// See [`set_conv_autotune`].
 pub fn conv_autotune() -> bool {
-    match AUTOTUNE.load(Ordering::Relaxed) {
-        1 => true,
-        2 => false,
-        _ => {
-            let off = std::env::var("D2L_CONV_AUTOTUNE").is_ok_and(|v| v.trim() == "0");
-            // Another thread may have set it meanwhile: keep its value.
-            let _ = AUTOTUNE.compare_exchange(
-                0,
-                if off { 2 } else { 1 },
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            );
-            AUTOTUNE.load(Ordering::Relaxed) == 1
-        }
-    }
+    AUTOTUNE.get()
 }
 
 /// How a CPU convolution is computed.

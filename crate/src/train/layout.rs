@@ -20,38 +20,23 @@
 //! off (on, it is channels-last throughout). [`set_layout_autotune`]`(false)` or
 //! `D2L_LAYOUT_AUTOTUNE=0` keeps NCHW throughout: runs compared bit for bit across processes
 //! need that (a resumed run makes its own trial).
-use std::sync::atomic::{AtomicU8, Ordering};
-
 use serde::{Deserialize, Serialize};
 
 use super::parallel::{convert_channels_last, Replicate};
 use crate::error::Result;
+use crate::switch::EnvSwitch;
 
-/// 0: not yet decided (read `D2L_LAYOUT_AUTOTUNE`), 1: on, 2: off.
-static AUTOTUNE: AtomicU8 = AtomicU8::new(0);
+static AUTOTUNE: EnvSwitch = EnvSwitch::new("D2L_LAYOUT_AUTOTUNE");
 
 /// Whether CPU training chooses its layout by timing (the default; `D2L_LAYOUT_AUTOTUNE=0` in
 /// the environment makes it `false` at start). Process-wide.
 pub fn set_layout_autotune(enabled: bool) {
-    AUTOTUNE.store(if enabled { 1 } else { 2 }, Ordering::Relaxed);
+    AUTOTUNE.set(enabled);
 }
 
 /// See [`set_layout_autotune`].
 pub fn layout_autotune() -> bool {
-    match AUTOTUNE.load(Ordering::Relaxed) {
-        1 => true,
-        2 => false,
-        _ => {
-            let off = std::env::var("D2L_LAYOUT_AUTOTUNE").is_ok_and(|v| v.trim() == "0");
-            let _ = AUTOTUNE.compare_exchange(
-                0,
-                if off { 2 } else { 1 },
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            );
-            AUTOTUNE.load(Ordering::Relaxed) == 1
-        }
-    }
+    AUTOTUNE.get()
 }
 
 /// After 1, 2 and 3 timed steps in each layout: how much faster the faster layout's quickest
