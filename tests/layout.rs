@@ -1,45 +1,21 @@
 //! CPU training chooses NCHW or channels-last by timing its first steps (d2l::train's layout
 //! trial), keeps the quicker and gives the model back in the standard layout; switched off, it
 //! trains in NCHW throughout.
-use d2l::data::synthetic::{make_hotdog_dataset, HotdogConfig};
-use d2l::data::transforms::{Compose, Normalize, RandomResizedCrop, Resize, ToTensor};
+mod common;
+
+use common::tiny_loaders_with;
 use d2l::model::resnet18;
 use d2l::tch::nn::VarStore;
 use d2l::tch::Device;
 use d2l::train::*;
-use d2l::{DataLoader, ImageFolder};
-
-/// 32 training images in batches of 4 (8 steps an epoch: enough for the whole trial), 4 test.
-fn loaders(dir: &std::path::Path) -> (DataLoader, DataLoader) {
-    let cfg = HotdogConfig {
-        train_per_class: 16,
-        test_per_class: 2,
-        min_side: 20,
-        max_side: 32,
-        seed: 3,
-    };
-    let root = make_hotdog_dataset(dir, &cfg).unwrap();
-    let augs = Compose::new()
-        .then(RandomResizedCrop::new(16))
-        .then(ToTensor)
-        .then(Normalize::imagenet());
-    let test_augs = Compose::new()
-        .then(Resize::new(16, 16))
-        .then(ToTensor)
-        .then(Normalize::imagenet());
-    let train = DataLoader::new(ImageFolder::new(root.join("train")).unwrap(), augs, 4)
-        .unwrap()
-        .shuffle(true);
-    let test = DataLoader::new(ImageFolder::new(root.join("test")).unwrap(), test_augs, 4).unwrap();
-    (train, test)
-}
 
 fn quickest(times: &[f64]) -> f64 {
     times.iter().copied().fold(f64::INFINITY, f64::min)
 }
 
 fn train(dir: &std::path::Path) -> (History, VarStore, d2l::model::ResNet) {
-    let (train_iter, test_iter) = loaders(dir);
+    // 32 training images in batches of 4: 8 steps an epoch, enough for the whole trial.
+    let (train_iter, test_iter) = tiny_loaders_with(dir, 16, 16);
     let vs = VarStore::new(Device::Cpu);
     let net = resnet18(&vs.root(), 2);
     let mut trainer = chapter_sgd(&net, 1e-3).unwrap();

@@ -454,11 +454,20 @@ pub fn report(result: d2l::Result<String>) {
 /// 12 training and 4 test images, cropped or resized to `side` px, in batches of 4: a
 /// shuffled training loader and an ordered test loader.
 pub fn tiny_loaders(dir: &Path, side: u32) -> (d2l::DataLoader, d2l::DataLoader) {
+    tiny_loaders_with(dir, side, 6)
+}
+
+/// [`tiny_loaders`] with `train_per_class` training images a class.
+pub fn tiny_loaders_with(
+    dir: &Path,
+    side: u32,
+    train_per_class: usize,
+) -> (d2l::DataLoader, d2l::DataLoader) {
     use d2l::data::synthetic::{make_hotdog_dataset, HotdogConfig};
     use d2l::data::transforms::{Compose, Normalize, RandomResizedCrop, Resize, ToTensor};
     use d2l::{DataLoader, ImageFolder};
     let cfg = HotdogConfig {
-        train_per_class: 6,
+        train_per_class,
         test_per_class: 2,
         min_side: 24,
         max_side: 40,

@@ -264,8 +264,8 @@ impl Conv2d {
     /// Times both paths on `xs`'s shape: a warm-up run each (where one took over 2.5 times the
     /// other, that decides), then a timed run each, and a second (in the other order) unless one
     /// took over 1.25 times the other; forward plus (when `key` says gradients are recorded) the
-    /// backward to what needs a gradient. The least time of each counts. Uses `xs` and the weight as they are
-    /// (detached: nothing of theirs changes, no random numbers are drawn).
+    /// backward to what needs a gradient. The least time of each counts. Uses `xs` and the
+    /// weight as they are (detached: nothing of theirs changes, no random numbers are drawn).
     fn measure(&self, xs: &Tensor, key: Key) -> ConvChoice {
         let x = xs.detach().set_requires_grad(key.input_grad);
         let w = self.ws.detach().set_requires_grad(key.weight_grad);

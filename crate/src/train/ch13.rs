@@ -329,7 +329,7 @@ pub fn train_ch13_with<N: Replicate>(
             let n = x.size()[0];
             if let Some(t) = trial.as_mut() {
                 t.before_step(net, n, i == 0)?;
-                step_opts.channels_last = t.channels_last() && x.dim() == 4;
+                step_opts.channels_last = t.channels_last();
             }
             timer.start();
             let (l, acc) = train_batch_ch13(&mut parallel, &x, &y, &loss, trainer, &step_opts)?;
