@@ -20,6 +20,7 @@ like scripts/test does when they are missing. Exit status 1 if any setting has a
 import argparse
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -99,10 +100,26 @@ def run_tests(env, tests, log, lib=False):
     results = re.findall(r"^test (.+?) \.\.\. (ok|FAILED|ignored)", run.stdout, re.M)
     passed = sum(1 for _, r in results if r == "ok")
     failed = [name for name, r in results if r == "FAILED"]
-    # A binary that did not build or crashed reports no test lines: count it as a failure.
+    # A binary that did not build or crashed reports no test lines: count it as a failure, and
+    # print why (CI keeps this script's output, not the log).
     if run.returncode != 0 and not failed:
         failed = [f"(cargo test exit status {run.returncode}, see {log})"]
+        print(f"test_kernels: cargo test failed without a test failing; from {log}:\n{why(run)}",
+              file=sys.stderr, flush=True)
     return passed, failed, wall
+
+
+def why(run, lines=40):
+    """The lines of cargo's output that say what went wrong: errors and crashes, else its tail."""
+    text = (run.stdout + run.stderr).splitlines()
+    marks = re.compile(r"^(error|warning: build failed)|could not compile|No space left|"
+                       r"process didn't exit successfully|signal: |panicked at|Killed")
+    keep = [i for i, line in enumerate(text) if marks.search(line)]
+    picked = sorted({j for i in keep for j in range(i, min(i + 6, len(text)))})[:lines]
+    shown = [text[j] for j in picked] if keep else text[-lines:]
+    # A full disk fails the link of a test binary: say how much room the checkout has.
+    free = shutil.disk_usage(ROOT).free / 2**30
+    return "\n".join(shown + [f"(free space on the checkout's disk: {free:.1f} GiB)"])
 
 
 def main():
