@@ -121,18 +121,22 @@ impl BasicBlock {
         }
     }
 
+    /// torchvision's `BasicBlock.forward`, with its in-place ReLUs and `out += identity`: each
+    /// writes over a tensor no backward function needs (BatchNorm keeps its input, not its
+    /// output), so the values and gradients are those of the out-of-place ops, with one pass over
+    /// memory and one buffer fewer each.
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        let ys = xs
+        let mut ys = xs
             .apply(&self.conv1)
             .apply_t(&self.bn1, train)
-            .relu()
+            .relu_()
             .apply(&self.conv2)
             .apply_t(&self.bn2, train);
-        let identity = match &self.downsample {
-            Some((c, b)) => xs.apply(c).apply_t(b, train),
-            None => xs.shallow_clone(),
-        };
-        (ys + identity).relu()
+        match &self.downsample {
+            Some((c, b)) => ys += xs.apply(c).apply_t(b, train),
+            None => ys += xs,
+        }
+        ys.relu_()
     }
 }
 
@@ -183,7 +187,7 @@ impl ResNet {
         let mut ys = xs
             .apply(&self.conv1)
             .apply_t(&self.bn1, train)
-            .relu()
+            .relu_()
             .max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
         for block in self.layers.iter().flatten() {
             ys = block.forward_t(&ys, train);
