@@ -196,6 +196,7 @@ fn run() -> d2l::Result<()> {
                 "conv_autotune": d2l::model::conv_autotune(),
                 "keep_freed_memory": kept,
                 "conv_choices": d2l::model::conv_choices(),
+                "tuning": tuning(false),
             })
         }
         "e2e" => {
@@ -269,6 +270,7 @@ fn run() -> d2l::Result<()> {
                 "keep_freed_memory": kept,
                 "conv_choices": d2l::model::conv_choices(),
                 "layout_trial": h.layout_trial,
+                "tuning": tuning(h.layout_trial.as_ref().is_some_and(|t| t.cached)),
             })
         }
         other => {
@@ -280,4 +282,14 @@ fn run() -> d2l::Result<()> {
     };
     println!("{json}");
     Ok(())
+}
+
+/// What the run took from the tuning cache (d2l::tuning) and what it timed itself.
+fn tuning(layout_cached: bool) -> serde_json::Value {
+    let choices = d2l::model::conv_choices();
+    let cached = choices.iter().filter(|c| c.cached).count();
+    serde_json::json!({
+        "cache": d2l::tuning::tuning_cache(), "dir": d2l::tuning::tuning_dir(),
+        "layout_cached": layout_cached, "conv_cached": cached, "conv_measured": choices.len() - cached,
+    })
 }

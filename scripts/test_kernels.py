@@ -37,8 +37,9 @@ SETTINGS = [
     "ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41",  # an old CPU: both at their lowest
 ]
 # Test binaries whose results cannot depend on libtorch's kernels (archives, downloads, caches,
-# processes and faults): the first row runs them, the other rows leave them out.
-KERNEL_FREE = {"archive_bombs", "cache_concurrency", "cache_faults", "ddp", "dist", "download", "download_hub"}
+# processes, faults and the tuning cache): the first row runs them, the other rows leave them out.
+KERNEL_FREE = {"archive_bombs", "cache_concurrency", "cache_faults", "ddp", "dist", "download", "download_hub",
+               "tuning"}
 
 # What ATen needs of the CPU for its avx512 kernels (aten/src/ATen/native/DispatchStub.cpp).
 AVX512_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq"}

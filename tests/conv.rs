@@ -149,6 +149,8 @@ fn im2col_path_matches_libtorch_convolution_where_it_is_taken() {
 /// path's output bit for bit; the input is left as it was and no random number is drawn; a shape
 /// whose im2col buffer is over the limit is not timed at all.
 fn autotuned_choice_is_measured_once_and_used(c: &Conv2d) {
+    // Measured here, and not kept (tests/tuning.rs tests the cache).
+    d2l::tuning::set_tuning_cache(false);
     let x = Tensor::randn([4, 8, 2, 2], (Kind::Float, Device::Cpu));
     // The two paths' outputs: the fixed rule takes im2col here, libtorch's when switched off.
     set_conv_autotune(false);

@@ -43,6 +43,8 @@ fn train(dir: &std::path::Path) -> (History, VarStore, d2l::model::ResNet) {
 #[test]
 fn cpu_training_times_both_layouts_and_keeps_the_quicker() {
     let dir = tempfile::tempdir().unwrap();
+    // Timed here, whatever an earlier run kept (tests/tuning.rs tests the cache).
+    d2l::tuning::set_tuning_cache(false);
     set_layout_autotune(true);
     let (h, _vs, net) = train(dir.path());
     let trial = h

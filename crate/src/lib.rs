@@ -27,6 +27,7 @@ pub mod offline;
 mod settings;
 mod switch;
 pub mod train;
+pub mod tuning;
 
 pub use data::{download, download_extract, DataLoader, ImageFolder, DATA_HUB, DATA_URL};
 pub use device::{device_repr, num_gpus, try_all_gpus, try_gpu, versions, Devices, Versions};

@@ -12,7 +12,9 @@
 //! another, and with SSE4.1 kernels im2col won by 1.4x. So nothing is fixed: the first time a
 //! layer sees an input shape (and gradient requirement), both ways are timed on that shape,
 //! forward and, when gradients are recorded, backward, and the faster is kept for the rest of the
-//! process ([`conv_choices`] lists what was chosen, and the times).
+//! process ([`conv_choices`] lists what was chosen, and the times) and in the tuning cache on
+//! disk, so that later processes on the same machine and kernel set skip the timing
+//! ([`crate::tuning`]; `D2L_TUNING_CACHE=0` times in every process).
 //!
 //! Only shapes whose im2col buffer is at most [`IM2COL_MAX_BYTES`] are candidates (like cuDNN's
 //! workspace limit): the buffer is `k*k` times the input, and timing large layers costs more time
@@ -75,7 +77,7 @@ pub fn conv_autotune() -> bool {
 }
 
 /// How a CPU convolution is computed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum ConvPath {
     /// libtorch's `conv2d` (oneDNN on the CPU): what PyTorch runs.
     Libtorch,
@@ -86,7 +88,7 @@ pub enum ConvPath {
 /// One measured choice: the shape (its batch size rounded up to a power of two: batches of 17 to
 /// 32 images share the choice measured on the first of them), whether gradients were recorded (then the times include the
 /// backward), the milliseconds of each path (the least of a few runs) and the one kept.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct ConvChoice {
     /// `[n, c_in, h, w]`, `n` rounded up to a power of two.
     pub input: [i64; 4],
@@ -100,6 +102,23 @@ pub struct ConvChoice {
     pub libtorch_ms: f64,
     pub im2col_ms: f64,
     pub chosen: ConvPath,
+    /// Read from the tuning cache (measured by an earlier process on this machine, see
+    /// [`crate::tuning`]) rather than measured by this one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cached: bool,
+}
+
+impl ConvChoice {
+    fn key(&self) -> Key {
+        Key {
+            input: self.input,
+            weight: self.weight,
+            stride: self.stride,
+            padding: self.padding,
+            input_grad: self.input_grad,
+            weight_grad: self.weight_grad,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -124,18 +143,28 @@ fn batch_bucket(n: i64) -> i64 {
     (n.max(1) as u64).next_power_of_two() as i64
 }
 
+/// The choices of this process, starting with those the tuning cache holds for this machine
+/// (read on first use, see [`crate::tuning`]).
 fn choices() -> &'static Mutex<HashMap<Key, ConvChoice>> {
     static CHOICES: OnceLock<Mutex<HashMap<Key, ConvChoice>>> = OnceLock::new();
-    CHOICES.get_or_init(Default::default)
+    CHOICES.get_or_init(|| {
+        let cached = crate::tuning::load().conv.into_iter().map(|mut c| {
+            c.cached = true;
+            (c.key(), c)
+        });
+        Mutex::new(cached.collect())
+    })
 }
 
-/// The choices this process has measured so far, in no particular order.
+/// The choices this process has measured or read from the tuning cache (`cached`) so far, in no
+/// particular order.
 pub fn conv_choices() -> Vec<ConvChoice> {
     let map = choices().lock().unwrap_or_else(|e| e.into_inner());
     map.values().cloned().collect()
 }
 
-/// Forgets every measured choice: the next call of each shape measures again.
+/// Forgets every choice, measured or cached: the next call of each shape measures again (and
+/// the new measurement replaces the cached one).
 pub fn clear_conv_choices() {
     choices().lock().unwrap_or_else(|e| e.into_inner()).clear();
 }
@@ -252,6 +281,10 @@ impl Conv2d {
         }
         let choice = self.measure(xs, key);
         let chosen = choice.chosen;
+        crate::tuning::update(|t| {
+            t.conv.retain(|c| c.key() != key);
+            t.conv.push(choice.clone());
+        });
         map.insert(key, choice);
         chosen
     }
@@ -319,6 +352,7 @@ impl Conv2d {
             } else {
                 ConvPath::Libtorch
             },
+            cached: false,
         }
     }
 

@@ -284,7 +284,11 @@ pub fn train_ch13_with<N: Replicate>(
             .named_tensors()
             .iter()
             .any(|(_, t)| t.dim() == 4 && t.kind() == tch::Kind::Float))
-    .then(|| Trial::new(train_iter.batch_size() as i64));
+    .then(|| {
+        let model = crate::tuning::tuning_cache()
+            .then(|| crate::tuning::model_signature(&net.named_tensors()));
+        Trial::new(train_iter.batch_size() as i64, model)
+    });
     // The model goes back in the standard layout however the run ends.
     let mut trial = TrialGuard { net, trial };
     let trial = &mut trial.trial;
@@ -328,7 +332,7 @@ pub fn train_ch13_with<N: Replicate>(
             let (x, y) = batch?;
             let n = x.size()[0];
             if let Some(t) = trial.as_mut() {
-                t.before_step(net, n, i == 0)?;
+                t.before_step(net, &x.size(), i == 0)?;
                 step_opts.channels_last = t.channels_last();
             }
             timer.start();
@@ -450,9 +454,10 @@ pub fn train_ch13_with<N: Replicate>(
         ("bf16", opts.step.bf16.to_string()),
         (
             "channels_last",
-            match trial.as_ref().and_then(|t| t.decided()) {
-                Some(cl) => format!("{cl} (timed)"),
-                None => opts.step.channels_last.to_string(),
+            match trial.as_ref().map(|t| (t.decided(), t.is_cached())) {
+                Some((Some(cl), true)) => format!("{cl} (cached timing)"),
+                Some((Some(cl), false)) => format!("{cl} (timed)"),
+                Some((None, _)) | None => opts.step.channels_last.to_string(),
             },
         ),
         ("processes", world.to_string()),

@@ -54,6 +54,11 @@ pub struct LayoutTrial {
     /// The layout kept: `Some(true)` channels-last, `Some(false)` NCHW, `None` when the run
     /// ended before the trial did (it then trained in both).
     pub channels_last: Option<bool>,
+    /// Read from the tuning cache: an earlier process on this machine timed this model on
+    /// batches of this shape (the times are its), and this run took its choice from the first
+    /// step (see [`crate::tuning`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cached: bool,
 }
 
 /// The trial while it runs: which layout each full-size step takes, and the times.
@@ -64,6 +69,10 @@ pub(crate) struct Trial {
     steps: usize,
     /// Whether the model is channels-last now.
     current: bool,
+    /// The model's signature for the tuning cache (`None`: the cache is not used).
+    model: Option<String>,
+    /// The shape of the trial's batches, once the first has come.
+    input: Option<Vec<i64>>,
 }
 
 /// The layout of the `k`-th trial step (`true`: channels-last) and whether it is timed: NCHW,
@@ -90,8 +99,10 @@ fn quickest(times: &[f64]) -> f64 {
 }
 
 impl Trial {
-    /// A trial for batches of `batch`, the model in NCHW now.
-    pub(crate) fn new(batch: i64) -> Trial {
+    /// A trial for batches of `batch`, the model in NCHW now. With `model` (its
+    /// [`crate::tuning`] signature), a choice the tuning cache holds for it and the batches'
+    /// shape is taken at the first full-size step, and a choice made by timing is kept there.
+    pub(crate) fn new(batch: i64, model: Option<String>) -> Trial {
         Trial {
             record: LayoutTrial {
                 batch,
@@ -99,12 +110,19 @@ impl Trial {
             },
             steps: 0,
             current: false,
+            model,
+            input: None,
         }
     }
 
     /// The layout kept, once the trial is over.
     pub(crate) fn decided(&self) -> Option<bool> {
         self.record.channels_last
+    }
+
+    /// Whether the choice came from the tuning cache.
+    pub(crate) fn is_cached(&self) -> bool {
+        self.record.cached
     }
 
     /// Whether the model is channels-last now.
@@ -122,14 +140,27 @@ impl Trial {
         schedule(self.steps).filter(|&(_, timed)| !(timed && first_of_epoch))
     }
 
-    /// Before a step on a batch of `n`: puts `net` in the layout this step is to take (other
-    /// steps, like an epoch's last, partial one, take the current one).
+    /// Before a step on a batch of shape `input` (`[n, c, h, w]`): puts `net` in the layout
+    /// this step is to take (other steps, like an epoch's last, partial one, take the current
+    /// one). At the first full-size batch, a choice in the tuning cache ends the trial at once.
     pub(crate) fn before_step(
         &mut self,
         net: &impl Replicate,
-        n: i64,
+        input: &[i64],
         first_of_epoch: bool,
     ) -> Result<()> {
+        let n = input.first().copied().unwrap_or(0);
+        if self.input.is_none() && n == self.record.batch {
+            self.input = Some(input.to_vec());
+            if let Some(cached) = self.cached(input) {
+                let chosen = cached.channels_last;
+                self.record = LayoutTrial {
+                    cached: true,
+                    ..cached
+                };
+                return self.set(net, chosen == Some(true));
+            }
+        }
         if let Some((layout, _)) = self.is_trial_step(n, first_of_epoch) {
             self.set(net, layout)?;
         }
@@ -168,7 +199,35 @@ impl Trial {
         }
         let chosen = cl < nchw;
         r.channels_last = Some(chosen);
+        self.keep();
         self.set(net, chosen)
+    }
+
+    /// A decided trial of this model on batches of `input` in the tuning cache.
+    fn cached(&self, input: &[i64]) -> Option<LayoutTrial> {
+        let model = self.model.as_ref()?;
+        crate::tuning::load()
+            .layout
+            .into_iter()
+            .find(|e| &e.model == model && e.input == input && e.trial.channels_last.is_some())
+            .map(|e| e.trial)
+    }
+
+    /// Puts the decided trial in the tuning cache.
+    fn keep(&self) {
+        let (Some(model), Some(input)) = (&self.model, &self.input) else {
+            return;
+        };
+        let entry = crate::tuning::LayoutEntry {
+            model: model.clone(),
+            input: input.clone(),
+            trial: self.record.clone(),
+        };
+        crate::tuning::update(|t| {
+            t.layout
+                .retain(|e| !(e.model == entry.model && e.input == entry.input));
+            t.layout.push(entry);
+        });
     }
 
     /// Ends the trial: `net` back in the standard layout; what was measured.
@@ -236,9 +295,9 @@ mod tests {
     fn run(steps: &[(bool, i64, f64)]) -> (Trial, crate::model::ResNet, VarStore) {
         let vs = VarStore::new(tch::Device::Cpu);
         let net = crate::model::resnet18(&vs.root(), 2);
-        let mut trial = Trial::new(4);
+        let mut trial = Trial::new(4, None);
         for &(first, n, secs) in steps {
-            trial.before_step(&net, n, first).unwrap();
+            trial.before_step(&net, &[n, 3, 8, 8], first).unwrap();
             assert_eq!(conv1_channels_last(&net), trial.channels_last());
             trial.after_step(&net, n, first, secs).unwrap();
             assert_eq!(conv1_channels_last(&net), trial.channels_last());
@@ -260,7 +319,7 @@ mod tests {
         assert_eq!(trial.record.channels_last_s, [0.8]);
         assert!(conv1_channels_last(&net));
         // Later steps keep it; finishing gives the model back in NCHW.
-        trial.before_step(&net, 4, false).unwrap();
+        trial.before_step(&net, &[4, 3, 8, 8], false).unwrap();
         assert!(conv1_channels_last(&net));
         let record = trial.finish(&net).unwrap();
         assert_eq!(record.channels_last, Some(true));
