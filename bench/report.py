@@ -50,6 +50,11 @@ def describe(report):
     for name, rows in report["runs"]["step"].items():
         if name not in report["summary"] and name != "torch" and rows:
             lines.append(f"step-only {name}: {statistics.median(r['images_per_s'] for r in rows):.1f} img/s")
+    for name, row in report["summary"].items():
+        if row.get("cold_e2e_images_per_s"):
+            lines.append(f"{name}: {num(row['cold_e2e_images_per_s'], '.1f')} img/s end to end in the "
+                         f"{row['cold_runs']} run(s) that timed their layout and convolutions (nothing in the "
+                         "tuning cache yet); the others read the first run's choices")
     lines.append("ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in report["ratios"].items()))
     lines.append("data pipeline alone (img/s): "
                  + ", ".join(f"{k} workers {num(v, '.1f')}" for k, v in report["data_pipeline"].items()))
