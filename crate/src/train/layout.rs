@@ -14,7 +14,10 @@
 //! not timed: the loader is then decoding the epoch's first batches at once. The rest of the run, evaluation included, uses the faster layout; when it ends the
 //! model is given back in the standard layout. These are real training steps, the same
 //! arithmetic in another order, so the trial costs only the slower layout's extra time on a few
-//! steps. [`History::layout_trial`](super::History::layout_trial) keeps the times.
+//! steps. [`History::layout_trial`](super::History::layout_trial) keeps the times. The choice
+//! is kept in the tuning cache ([`crate::tuning`]): a later process on the same machine that
+//! trains the same model on batches of the same shape takes it at its first step and times
+//! nothing (`LayoutTrial::cached`).
 //!
 //! Only for float32 models on one CPU device in one process, with `StepOptions::channels_last`
 //! off (on, it is channels-last throughout). [`set_layout_autotune`]`(false)` or
