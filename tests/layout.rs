@@ -3,7 +3,7 @@
 //! trains in NCHW throughout.
 mod common;
 
-use common::tiny_loaders_with;
+use common::train_tiny_epoch;
 use d2l::model::resnet18;
 use d2l::tch::nn::VarStore;
 use d2l::tch::Device;
@@ -13,32 +13,6 @@ fn quickest(times: &[f64]) -> f64 {
     times.iter().copied().fold(f64::INFINITY, f64::min)
 }
 
-fn train(dir: &std::path::Path) -> (History, VarStore, d2l::model::ResNet) {
-    // 32 training images in batches of 4: 8 steps an epoch, enough for the whole trial.
-    let (train_iter, test_iter) = tiny_loaders_with(dir, 16, 16);
-    let vs = VarStore::new(Device::Cpu);
-    let net = resnet18(&vs.root(), 2);
-    let mut trainer = chapter_sgd(&net, 1e-3).unwrap();
-    let opts = TrainOptions {
-        no_figure: true,
-        quiet: true,
-        ..TrainOptions::default()
-    };
-    let devices = d2l::Devices(vec![Device::Cpu]);
-    let h = train_ch13_with(
-        &net,
-        &train_iter,
-        &test_iter,
-        cross_entropy,
-        &mut trainer,
-        1,
-        &devices,
-        &opts,
-    )
-    .unwrap();
-    (h, vs, net)
-}
-
 // One test: the switch is process-wide.
 #[test]
 fn cpu_training_times_both_layouts_and_keeps_the_quicker() {
@@ -46,7 +20,7 @@ fn cpu_training_times_both_layouts_and_keeps_the_quicker() {
     // Timed here, whatever an earlier run kept (tests/tuning.rs tests the cache).
     d2l::tuning::set_tuning_cache(false);
     set_layout_autotune(true);
-    let (h, _vs, net) = train(dir.path());
+    let (h, _vs, net) = train_tiny_epoch(dir.path());
     let trial = h
         .layout_trial
         .clone()
@@ -86,7 +60,7 @@ fn cpu_training_times_both_layouts_and_keeps_the_quicker() {
     // Switched off: NCHW throughout, no trial.
     set_layout_autotune(false);
     let dir = tempfile::tempdir().unwrap();
-    let (h, _vs, _net) = train(dir.path());
+    let (h, _vs, _net) = train_tiny_epoch(dir.path());
     assert_eq!(h.layout_trial, None);
     assert_eq!(h.config["channels_last"], "false");
     // Histories saved before the trial existed still load.

@@ -6,38 +6,9 @@ mod common;
 
 use std::path::Path;
 
-use common::{child, tiny_loaders_with, wait_child};
-use d2l::model::resnet18;
-use d2l::tch::nn::VarStore;
-use d2l::tch::Device;
+use common::{child, train_tiny_epoch, wait_child};
 use d2l::train::*;
 use serde_json::{json, Value};
-
-/// One epoch of the chapter's training on 32 images of 16 px in batches of 4 (8 steps: enough
-/// for the whole layout trial).
-fn train(data: &Path) -> History {
-    let (train_iter, test_iter) = tiny_loaders_with(data, 16, 16);
-    let vs = VarStore::new(Device::Cpu);
-    let net = resnet18(&vs.root(), 2);
-    let mut trainer = chapter_sgd(&net, 1e-3).unwrap();
-    let opts = TrainOptions {
-        no_figure: true,
-        quiet: true,
-        ..TrainOptions::default()
-    };
-    let devices = d2l::Devices(vec![Device::Cpu]);
-    train_ch13_with(
-        &net,
-        &train_iter,
-        &test_iter,
-        cross_entropy,
-        &mut trainer,
-        1,
-        &devices,
-        &opts,
-    )
-    .unwrap()
-}
 
 /// The child: `D2L_TEST_RUNS` trainings in one process; prints each run's layout trial and
 /// config entry, the convolution choices and the cache file's path as one JSON line.
@@ -50,7 +21,7 @@ fn child_process() {
     let runs: usize = std::env::var("D2L_TEST_RUNS").unwrap().parse().unwrap();
     let runs: Vec<Value> = (0..runs)
         .map(|_| {
-            let h = train(Path::new(&data));
+            let (h, _vs, _net) = train_tiny_epoch(Path::new(&data));
             json!({"trial": h.layout_trial, "config": h.config["channels_last"]})
         })
         .collect();

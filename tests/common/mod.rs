@@ -457,6 +457,41 @@ pub fn tiny_loaders(dir: &Path, side: u32) -> (d2l::DataLoader, d2l::DataLoader)
     tiny_loaders_with(dir, side, 6)
 }
 
+/// One epoch of the chapter's training (`chapter_sgd`, the summed loss, `train_ch13_with`, no
+/// figure, quiet) on `tiny_loaders_with(dir, 16, 16)`: 32 images of 16 px in batches of 4, 8
+/// steps, enough for the whole layout trial.
+pub fn train_tiny_epoch(
+    dir: &Path,
+) -> (
+    d2l::train::History,
+    d2l::tch::nn::VarStore,
+    d2l::model::ResNet,
+) {
+    use d2l::train::{chapter_sgd, cross_entropy, train_ch13_with, TrainOptions};
+    let (train_iter, test_iter) = tiny_loaders_with(dir, 16, 16);
+    let vs = d2l::tch::nn::VarStore::new(d2l::tch::Device::Cpu);
+    let net = d2l::model::resnet18(&vs.root(), 2);
+    let mut trainer = chapter_sgd(&net, 1e-3).unwrap();
+    let opts = TrainOptions {
+        no_figure: true,
+        quiet: true,
+        ..TrainOptions::default()
+    };
+    let devices = d2l::Devices(vec![d2l::tch::Device::Cpu]);
+    let h = train_ch13_with(
+        &net,
+        &train_iter,
+        &test_iter,
+        cross_entropy,
+        &mut trainer,
+        1,
+        &devices,
+        &opts,
+    )
+    .unwrap();
+    (h, vs, net)
+}
+
 /// [`tiny_loaders`] with `train_per_class` training images a class.
 pub fn tiny_loaders_with(
     dir: &Path,
