@@ -107,13 +107,11 @@ impl Machine {
         }
     }
 
-    /// The file name: `tuning-<first 16 hex digits of the key's hash>.json`.
-    fn file_name(&self) -> String {
+    /// Its cache file: `tuning-<first 16 hex digits of the key's hash>.json` in [`tuning_dir`].
+    fn path(&self) -> PathBuf {
         let key = serde_json::to_string(self).unwrap_or_default();
-        format!(
-            "tuning-{}.json",
-            &hex(&Sha256::digest(key.as_bytes()))[..16]
-        )
+        let hash = hex(&Sha256::digest(key.as_bytes()));
+        tuning_dir().join(format!("tuning-{}.json", &hash[..16]))
     }
 }
 
@@ -130,7 +128,7 @@ pub fn tuning_dir() -> PathBuf {
 
 /// The cache file for this machine and setting now.
 pub fn tuning_file() -> PathBuf {
-    tuning_dir().join(Machine::current().file_name())
+    Machine::current().path()
 }
 
 /// A layout choice: for which model and input it holds, and what the trial measured.
@@ -167,7 +165,7 @@ fn warn_once(msg: String) {
 /// The cache file for `machine` as it is on disk: empty when there is none; an error when it
 /// cannot be read or parsed.
 fn read(machine: &Machine) -> Result<Tuning> {
-    let path = tuning_dir().join(machine.file_name());
+    let path = machine.path();
     let text = match std::fs::read_to_string(&path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Tuning::default()),
@@ -208,9 +206,9 @@ pub(crate) fn update(change: impl FnOnce(&mut Tuning)) {
         return;
     }
     let machine = Machine::current();
-    let dir = tuning_dir();
-    let path = dir.join(machine.file_name());
+    let path = machine.path();
     let result = (|| -> Result<()> {
+        let dir = tuning_dir();
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         let mut tuning = read(&machine).unwrap_or_default();
         tuning.machine = Some(machine);
