@@ -5,7 +5,8 @@
 //! - With the full CUDA install, keep `libtorch_cuda.so` linked: rustc links with `--as-needed`,
 //!   which drops it, and then `tch::Cuda::is_available()` is false even on a GPU machine.
 //! - The libtorch version, for `d2l::versions()`.
-//! - For the `d2l` package, the c10d shim behind `d2l::dist` (`src/dist/shim.cpp`), compiled
+//! - For the `d2l` package, the CPU max pooling kernel (`src/model/pool.cpp`, libtorch's headers
+//!   only), and the c10d shim behind `d2l::dist` (`src/dist/shim.cpp`), compiled
 //!   against libtorch's headers with torch-sys's C++ ABI and gloo's headers (Debian's
 //!   `libgloo-dev`, which the torch wheel leaves out). Without those headers the crate builds
 //!   without it and `d2l::dist` says what to install.
@@ -41,8 +42,33 @@ fn main() {
     }
     println!("cargo::rustc-check-cfg=cfg(d2l_dist)");
     if env::var("CARGO_PKG_NAME").is_ok_and(|n| n == "d2l") {
+        build_pool(Path::new(&lib));
         build_dist_shim(Path::new(&lib), cuda);
     }
+}
+
+/// The C++ ABI flag torch-sys compiles its own wrapper with.
+fn cxx11_abi() -> String {
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_owned())
+}
+
+/// `src/model/pool.cpp` against libtorch's headers, optimised in every profile (the tests run
+/// the same kernel as a release build).
+fn build_pool(lib: &Path) {
+    let file = "src/model/pool.cpp";
+    println!("cargo:rerun-if-changed={file}");
+    let include = lib.join("..").join("include");
+    cc::Build::new()
+        .cpp(true)
+        .file(file)
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={}", cxx11_abi()))
+        .opt_level(3)
+        .warnings(false)
+        .compile("d2l_pool");
 }
 
 /// Where gloo's headers are: `D2L_GLOO_INCLUDE`, else the system's (`/usr/include/gloo`).
@@ -72,8 +98,7 @@ fn build_dist_shim(lib: &Path, cuda: bool) {
         println!("cargo:warning=d2l::dist is off: this libtorch has no c10d headers");
         return;
     }
-    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
-    let abi = env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_owned());
+    let abi = cxx11_abi();
     let mut build = cc::Build::new();
     build
         .cpp(true)

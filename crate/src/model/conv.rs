@@ -186,6 +186,11 @@ thread_local! {
     static LIBTORCH_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+/// Whether this thread runs libtorch's own kernels only ([`with_libtorch_conv`]).
+pub(crate) fn libtorch_only() -> bool {
+    LIBTORCH_ONLY.get()
+}
+
 /// Runs `f` with libtorch's convolution everywhere on this thread (other threads keep theirs).
 pub(crate) fn with_libtorch_conv<T>(f: impl FnOnce() -> T) -> T {
     struct Restore(bool);

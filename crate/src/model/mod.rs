@@ -2,6 +2,7 @@
 mod checkpoint;
 mod conv;
 mod export;
+mod pool;
 mod pth;
 mod resnet;
 mod source;
@@ -23,6 +24,7 @@ pub use conv::{
     set_cpu_im2col, Conv2d, ConvChoice, ConvPath, IM2COL_MAX_BYTES,
 };
 pub use export::export_torchscript;
+pub use pool::{cpu_fast_max_pool, max_pool2d, set_cpu_fast_max_pool};
 pub use pth::read_pth;
 pub use resnet::{linear, resnet18, Linear, ResNet};
 pub use source::{pretrain_source_model, SourceModel, SourceModelConfig};

@@ -184,11 +184,8 @@ impl ResNet {
     /// # Shapes
     /// `[n, 3, h, w]` -> `[n, 512]`
     pub fn features(&self, xs: &Tensor, train: bool) -> Tensor {
-        let mut ys = xs
-            .apply(&self.conv1)
-            .apply_t(&self.bn1, train)
-            .relu_()
-            .max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
+        let ys = xs.apply(&self.conv1).apply_t(&self.bn1, train).relu_();
+        let mut ys = super::max_pool2d(&ys, 3, 2, 1);
         for block in self.layers.iter().flatten() {
             ys = block.forward_t(&ys, train);
         }
