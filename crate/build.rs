@@ -5,8 +5,8 @@
 //! - With the full CUDA install, keep `libtorch_cuda.so` linked: rustc links with `--as-needed`,
 //!   which drops it, and then `tch::Cuda::is_available()` is false even on a GPU machine.
 //! - The libtorch version, for `d2l::versions()`.
-//! - For the `d2l` package, the CPU max pooling kernel (`src/model/pool.cpp`, libtorch's headers
-//!   only), and the c10d shim behind `d2l::dist` (`src/dist/shim.cpp`), compiled
+//! - For the `d2l` package, the CPU kernels (`src/model/pool.cpp`, `src/train/sgd.cpp`:
+//!   libtorch's headers only), and the c10d shim behind `d2l::dist` (`src/dist/shim.cpp`), compiled
 //!   against libtorch's headers with torch-sys's C++ ABI and gloo's headers (Debian's
 //!   `libgloo-dev`, which the torch wheel leaves out). Without those headers the crate builds
 //!   without it and `d2l::dist` says what to install.
@@ -42,7 +42,7 @@ fn main() {
     }
     println!("cargo::rustc-check-cfg=cfg(d2l_dist)");
     if env::var("CARGO_PKG_NAME").is_ok_and(|n| n == "d2l") {
-        build_pool(Path::new(&lib));
+        build_kernels(Path::new(&lib));
         build_dist_shim(Path::new(&lib), cuda);
     }
 }
@@ -53,22 +53,24 @@ fn cxx11_abi() -> String {
     env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_owned())
 }
 
-/// `src/model/pool.cpp` against libtorch's headers, optimised in every profile (the tests run
-/// the same kernel as a release build).
-fn build_pool(lib: &Path) {
-    let file = "src/model/pool.cpp";
-    println!("cargo:rerun-if-changed={file}");
+/// The CPU kernels (`src/model/pool.cpp`, `src/train/sgd.cpp`) against libtorch's headers,
+/// optimised in every profile (the tests run the same code as a release build).
+fn build_kernels(lib: &Path) {
+    let files = ["src/model/pool.cpp", "src/train/sgd.cpp"];
+    for file in files {
+        println!("cargo:rerun-if-changed={file}");
+    }
     let include = lib.join("..").join("include");
     cc::Build::new()
         .cpp(true)
-        .file(file)
+        .files(files)
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={}", cxx11_abi()))
         .opt_level(3)
         .warnings(false)
-        .compile("d2l_pool");
+        .compile("d2l_kernels");
 }
 
 /// Where gloo's headers are: `D2L_GLOO_INCLUDE`, else the system's (`/usr/include/gloo`).
