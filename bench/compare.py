@@ -15,6 +15,8 @@ pinned memory, persistent workers), same batch, image size, epochs and generated
   kernels exactly), to show how much the im2col path for small convolution outputs adds;
 - the data pipeline alone (decode + augment, one worker and all cores, Rust vs PIL), at the
   benchmark's image size;
+- the ratios rep by rep as well (`_paired`: the median of each rep's ratio, steadier when the machine's
+  speed drifts over minutes);
 - Rust's runs share a tuning cache of their own (d2l::tuning, in a temporary folder): the first
   times its convolution paths and memory layout and keeps them, the later ones read them, as a
   user's later runs on the same machine do; the first run's figure is reported on its own too;
@@ -200,7 +202,7 @@ def main():
                   f"{r['error'].splitlines()[-1]}", flush=True)
             r = None
         else:
-            store.append({**r, **extra})
+            store.append({**r, **extra, "rep": rep + 1})
         save(complete=False)
         return r
 
@@ -287,6 +289,15 @@ def summarize(results, step_results, pipeline, workers):
                       ("rust_no_im2col_vs_torch_tuned_e2e", e2e("rust-no-im2col"), e2e("torch-tuned"))):
         if a and b:
             ratios[key] = a / b
+    # The same ratios rep by rep (runs of one rep follow each other), then their median: on a
+    # machine whose speed drifts over minutes, steadier than the ratio of the medians.
+    for key, a, b in (("rust_vs_torch_book_e2e_paired", "rust", "torch-book"),
+                      ("rust_vs_torch_tuned_e2e_paired", "rust", "torch-tuned")):
+        by_rep = {r.get("rep"): r["e2e_images_per_s"] for r in results.get(b, []) if r.get("rep")}
+        per_rep = [r["e2e_images_per_s"] / by_rep[r["rep"]] for r in results.get(a, [])
+                   if by_rep.get(r.get("rep"))]
+        if per_rep:
+            ratios[key] = statistics.median(per_rep)
     pipe = {}
     for impl in ("rust", "torchvision"):
         for w in (0, workers):
