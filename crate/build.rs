@@ -57,6 +57,7 @@ fn cxx11_abi() -> String {
 /// optimised in every profile (the tests run the same code as a release build).
 fn build_kernels(lib: &Path) {
     let files = ["src/model/pool.cpp", "src/train/sgd.cpp"];
+    println!("cargo:rerun-if-changed=src/guard.h");
     for file in files {
         println!("cargo:rerun-if-changed={file}");
     }
@@ -87,6 +88,7 @@ fn gloo_include() -> Option<std::path::PathBuf> {
 fn build_dist_shim(lib: &Path, cuda: bool) {
     let shim = "src/dist/shim.cpp";
     println!("cargo:rerun-if-changed={shim}");
+    println!("cargo:rerun-if-changed=src/guard.h");
     let include = lib.join("..").join("include");
     let c10d = include.join("torch/csrc/distributed/c10d/ProcessGroupGloo.hpp");
     let Some(gloo) = gloo_include() else {

@@ -14,6 +14,8 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
+#include "../guard.h"
+
 #include <chrono>
 #include <cstring>
 #include <string>
@@ -27,27 +29,7 @@ struct Group {
   std::chrono::milliseconds timeout;
 };
 
-void set_error(char* err, size_t len, const std::string& what) {
-  if (err == nullptr || len == 0) return;
-  std::strncpy(err, what.c_str(), len - 1);
-  err[len - 1] = '\0';
-}
-
-// Runs `f`, turning any exception into the error text and a non-zero return.
-template <typename F>
-int guarded(char* err, size_t len, F&& f) {
-  try {
-    f();
-    return 0;
-  } catch (const c10::Error& e) {
-    set_error(err, len, e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    set_error(err, len, e.what());
-  } catch (...) {
-    set_error(err, len, "unknown C++ exception");
-  }
-  return 1;
-}
+using d2l::guarded;
 
 std::vector<at::Tensor> tensors_of(at::Tensor** ts, int n) {
   std::vector<at::Tensor> out;

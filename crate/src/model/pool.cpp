@@ -10,25 +10,19 @@
 // (a later value replaces the kept one only when it is larger), NaN as the largest (every NaN
 // replaces the kept value, so the last NaN wins), the index of the window's first valid position
 // when every value is -inf. The backward is libtorch's own `max_pool2d_with_indices_backward`,
-// so gradients are PyTorch's. Every function catches C++ exceptions and returns them as text.
+// so gradients are PyTorch's. Exceptions come back as text (guard.h).
 #include <ATen/ATen.h>
 #include <ATen/TensorIterator.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include "../guard.h"
+
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
-#include <string>
 #include <vector>
 
 namespace {
-
-void set_error(char* err, size_t len, const std::string& what) {
-  if (err == nullptr || len == 0) return;
-  std::strncpy(err, what.c_str(), len - 1);
-  err[len - 1] = '\0';
-}
 
 struct Geometry {
   int64_t planes, h, w, oh, ow, k, s, p;
@@ -175,7 +169,7 @@ extern "C" {
 // 0 <= p <= k / 2 and k <= h + 2p, w + 2p (the caller checks). 0, or 1 with the error in `err`.
 int d2l_max_pool2d(const at::Tensor* x, int64_t k, int64_t s, int64_t p, at::Tensor** out,
                    char* err, size_t len) {
-  try {
+  return d2l::guarded(err, len, [&] {
     at::Tensor y;
     if (at::GradMode::is_enabled() && x->requires_grad()) {
       y = MaxPool2d::apply(*x, k, s, p);
@@ -183,15 +177,7 @@ int d2l_max_pool2d(const at::Tensor* x, int64_t k, int64_t s, int64_t p, at::Ten
       y = std::get<0>(pool_forward(*x, k, s, p));
     }
     *out = new at::Tensor(std::move(y));
-    return 0;
-  } catch (const c10::Error& e) {
-    set_error(err, len, e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    set_error(err, len, e.what());
-  } catch (...) {
-    set_error(err, len, "unknown C++ exception");
-  }
-  return 1;
+  });
 }
 
 }  // extern "C"

@@ -5,21 +5,14 @@
 // ResNet-18's 11.2 million parameters on a 2-core AMD EPYC. Here each value is read and
 // written once, with the same two multiply-adds in the same order (fused where the CPU has FMA,
 // as libtorch's vectorised kernels fuse them). Parameters that are not contiguous float32 CPU
-// tensors take libtorch's two operations. Exceptions come back as text.
+// tensors take libtorch's two operations.
 #include <ATen/ATen.h>
 #include <ATen/TensorIterator.h>
 #include <c10/core/GradMode.h>
 
-#include <cstring>
-#include <string>
+#include "../guard.h"
 
 namespace {
-
-void set_error(char* err, size_t len, const std::string& what) {
-  if (err == nullptr || len == 0) return;
-  std::strncpy(err, what.c_str(), len - 1);
-  err[len - 1] = '\0';
-}
 
 // p = p + (-lr) * (p * wd + g), element by element; compiled for AVX-512, AVX2 with FMA, and
 // the baseline, the loader picking one for the CPU.
@@ -75,18 +68,10 @@ extern "C" {
 // 0, or 1 with the error in `err`.
 int d2l_sgd_step(at::Tensor** params, const double* lrs, int64_t n, double wd, char* err,
                  size_t len) {
-  try {
+  return d2l::guarded(err, len, [&] {
     at::NoGradGuard no_grad;
     for (int64_t i = 0; i < n; ++i) update(*params[i], lrs[i], wd);
-    return 0;
-  } catch (const c10::Error& e) {
-    set_error(err, len, e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    set_error(err, len, e.what());
-  } catch (...) {
-    set_error(err, len, "unknown C++ exception");
-  }
-  return 1;
+  });
 }
 
 }  // extern "C"
