@@ -10,10 +10,10 @@
 //! file a machine and setting, named by a hash of everything the times depend on (the CPU's model
 //! name and flags as Linux reports them, the kernel variables libtorch reads,
 //! `ATEN_CPU_CAPABILITY`, `ONEDNN_MAX_CPU_ISA` and `DNNL_MAX_CPU_ISA`, libtorch's version and
-//! thread count, and this crate's version), so that another CPU, kernel set or thread count
-//! times afresh. The file lives in `D2L_TUNING_DIR`, else `tuning/` under [`d2l_home`]; it is
-//! read once a process, on first use, and each new measurement is merged into it and written
-//! atomically (a reader sees the old file or the new one).
+//! thread count, and this crate's version and kernel [`GENERATION`]), so that another CPU,
+//! kernel set or thread count times afresh. The file lives in `D2L_TUNING_DIR`, else `tuning/`
+//! under [`d2l_home`]; it is read once a process, on first use, and each new measurement is
+//! merged into it and written atomically (a reader sees the old file or the new one).
 //!
 //! A file that cannot be read is reported once on stderr and timed anew (the next measurement
 //! replaces it); a cache folder that cannot be written is reported once and the process goes on
@@ -66,7 +66,14 @@ pub struct Machine {
     pub libtorch: String,
     pub threads: i64,
     pub d2l: String,
+    /// [`GENERATION`]: timings made before this crate's own kernels changed are not reused.
+    pub generation: u32,
 }
+
+/// Raised when this crate's own kernels change what the timed choices compare, so that older
+/// cache files are not read (2: the CPU max pooling kernel, which changed NCHW's step against
+/// channels-last's, and the one-pass SGD step).
+pub const GENERATION: u32 = 2;
 
 impl Machine {
     /// This process's machine and setting, now (the thread count may change).
@@ -104,6 +111,7 @@ impl Machine {
                 .to_owned(),
             threads: tch::get_num_threads().into(),
             d2l: env!("CARGO_PKG_VERSION").to_owned(),
+            generation: GENERATION,
         }
     }
 
