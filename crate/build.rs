@@ -5,7 +5,7 @@
 //! - With the full CUDA install, keep `libtorch_cuda.so` linked: rustc links with `--as-needed`,
 //!   which drops it, and then `tch::Cuda::is_available()` is false even on a GPU machine.
 //! - The libtorch version, for `d2l::versions()`.
-//! - For the `d2l` package, the CPU kernels (`src/model/pool.cpp`, `src/train/sgd.cpp`:
+//! - For the `d2l` package, the CPU kernels (`src/model/{norm,pool}.cpp`, `src/train/sgd.cpp`:
 //!   libtorch's headers only), and the c10d shim behind `d2l::dist` (`src/dist/shim.cpp`), compiled
 //!   against libtorch's headers with torch-sys's C++ ABI and gloo's headers (Debian's
 //!   `libgloo-dev`, which the torch wheel leaves out). Without those headers the crate builds
@@ -53,10 +53,14 @@ fn cxx11_abi() -> String {
     env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_owned())
 }
 
-/// The CPU kernels (`src/model/pool.cpp`, `src/train/sgd.cpp`) against libtorch's headers,
+/// The CPU kernels (`src/model/{norm,pool}.cpp`, `src/train/sgd.cpp`) against libtorch's headers,
 /// optimised in every profile (the tests run the same code as a release build).
 fn build_kernels(lib: &Path) {
-    let files = ["src/model/pool.cpp", "src/train/sgd.cpp"];
+    let files = [
+        "src/model/norm.cpp",
+        "src/model/pool.cpp",
+        "src/train/sgd.cpp",
+    ];
     println!("cargo:rerun-if-changed=src/guard.h");
     for file in files {
         println!("cargo:rerun-if-changed={file}");
@@ -69,6 +73,9 @@ fn build_kernels(lib: &Path) {
         .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={}", cxx11_abi()))
+        // GCC notes that 32-byte vector arguments changed ABI in GCC 4.6: only inlined helpers
+        // of norm.cpp take them.
+        .flag("-Wno-psabi")
         .opt_level(3)
         .warnings(false)
         .compile("d2l_kernels");

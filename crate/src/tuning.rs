@@ -72,8 +72,8 @@ pub struct Machine {
 
 /// Raised when this crate's own kernels change what the timed choices compare, so that older
 /// cache files are not read (2: the CPU max pooling kernel, which changed NCHW's step against
-/// channels-last's, and the one-pass SGD step).
-pub const GENERATION: u32 = 2;
+/// channels-last's, and the one-pass SGD step; 3: the fused BatchNorm kernel, NCHW's again).
+pub const GENERATION: u32 = 3;
 
 impl Machine {
     /// This process's machine and setting, now (the thread count may change).

@@ -5,6 +5,7 @@ use tch::nn::{self, Init, ModuleT};
 use tch::Tensor;
 
 use super::conv::{conv2d, Conv2d};
+use super::norm::{batch_norm_act, BN_EPS, BN_MOMENTUM};
 
 /// A fully connected layer with PyTorch's names (`weight` `[out, in]`, `bias` `[out]`), printed
 /// like PyTorch's `nn.Linear`.
@@ -90,9 +91,16 @@ fn bn(p: nn::Path, c: i64) -> nn::BatchNorm {
     let cfg = nn::BatchNormConfig {
         ws_init: Init::Const(1.0),
         bs_init: Init::Const(0.0),
+        momentum: BN_MOMENTUM,
+        eps: BN_EPS,
         ..Default::default()
     };
     nn::batch_norm2d(p, c, cfg)
+}
+
+/// [`batch_norm_act`] with the layers' momentum and eps (those [`bn`] builds them with).
+fn bn_act(xs: &Tensor, b: &nn::BatchNorm, train: bool, id: Option<&Tensor>, relu: bool) -> Tensor {
+    batch_norm_act(xs, b, train, BN_MOMENTUM, BN_EPS, id, relu)
 }
 
 #[derive(Debug)]
@@ -125,18 +133,17 @@ impl BasicBlock {
     /// writes over a tensor no backward function needs (BatchNorm keeps its input, not its
     /// output), so the values and gradients are those of the out-of-place ops, with one pass over
     /// memory and one buffer fewer each.
+    ///
+    /// Each BatchNorm with what follows it (`bn1` and the ReLU; `bn2`, the addition and the
+    /// ReLU) is one call of [`batch_norm_act`], one kernel on the CPU.
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        let mut ys = xs
-            .apply(&self.conv1)
-            .apply_t(&self.bn1, train)
-            .relu_()
-            .apply(&self.conv2)
-            .apply_t(&self.bn2, train);
-        match &self.downsample {
-            Some((c, b)) => ys += xs.apply(c).apply_t(b, train),
-            None => ys += xs,
-        }
-        ys.relu_()
+        let ys = bn_act(&xs.apply(&self.conv1), &self.bn1, train, None, true);
+        let ys = ys.apply(&self.conv2);
+        let identity = match &self.downsample {
+            Some((c, b)) => bn_act(&xs.apply(c), b, train, None, false),
+            None => xs.shallow_clone(),
+        };
+        bn_act(&ys, &self.bn2, train, Some(&identity), true)
     }
 }
 
@@ -184,7 +191,7 @@ impl ResNet {
     /// # Shapes
     /// `[n, 3, h, w]` -> `[n, 512]`
     pub fn features(&self, xs: &Tensor, train: bool) -> Tensor {
-        let ys = xs.apply(&self.conv1).apply_t(&self.bn1, train).relu_();
+        let ys = bn_act(&xs.apply(&self.conv1), &self.bn1, train, None, true);
         let mut ys = super::max_pool2d(&ys, 3, 2, 1);
         for block in self.layers.iter().flatten() {
             ys = block.forward_t(&ys, train);
