@@ -345,16 +345,16 @@ Grads backward_train(const at::Tensor& grad, const at::Tensor& x, const at::Tens
 struct BatchNormAct : public torch::autograd::Function<BatchNormAct> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
                             const at::Tensor& weight, const at::Tensor& bias,
-                            const at::Tensor& identity, const at::Tensor& running_mean,
-                            const at::Tensor& running_var, double momentum, double eps,
-                            bool relu) {
+                            const at::Tensor& identity, bool has_identity,
+                            const at::Tensor& running_mean, const at::Tensor& running_var,
+                            double momentum, double eps, bool relu) {
     Stats s = train_stats(x, weight, bias, eps);
-    auto y = transform(x, identity, s.alpha, s.beta, relu);
+    auto y = transform(x, has_identity ? identity : at::Tensor(), s.alpha, s.beta, relu);
     update_running(s, running_mean, running_var, momentum);
     // The output is saved only for the ReLU's backward (libtorch's ReluBackward saves it too).
     ctx->save_for_backward({x, weight, s.save_mean, s.save_invstd, relu ? y : at::Tensor()});
     ctx->saved_data["relu"] = relu;
-    ctx->saved_data["identity"] = identity.defined();
+    ctx->saved_data["identity"] = has_identity;
     return y;
   }
 
@@ -366,8 +366,8 @@ struct BatchNormAct : public torch::autograd::Function<BatchNormAct> {
     Grads d = backward_train(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4],
                              ctx->needs_input_grad(0), ctx->needs_input_grad(1),
                              ctx->needs_input_grad(2), to_identity);
-    return {d.x,         d.weight,    d.bias,       d.identity,  at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {d.x,          d.weight,     d.bias,       d.identity,   at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -382,7 +382,8 @@ extern "C" {
 // on; the running statistics are updated in place), else the running ones (without autograd
 // only). x, identity: contiguous NCHW float CPU tensors
 // of one shape with more than one value a channel when training; weight, bias, running_mean,
-// running_var: contiguous float [C] or null (the caller checks). 0; 1 with the error in `err`;
+// running_var: contiguous float [C] (identity may be null; weight and bias too without
+// autograd) (the caller checks). 0; 1 with the error in `err`;
 // 2 (nothing done) in evaluation when autograd would record: the caller takes libtorch's ops.
 int d2l_batch_norm_act(const at::Tensor* x, const at::Tensor* weight, const at::Tensor* bias,
                        const at::Tensor* identity, const at::Tensor* running_mean,
@@ -398,7 +399,12 @@ int d2l_batch_norm_act(const at::Tensor* x, const at::Tensor* weight, const at::
                             (id.defined() && id.requires_grad());
     if (train) {
       if (at::GradMode::is_enabled() && needs_grad) {
-        y = BatchNormAct::apply(*x, w, b, id, rm, rv, momentum, eps, relu != 0);
+        // Autograd's record of a custom function's inputs reads each one's device: no
+        // undefined tensor among them (an empty one stands for a missing identity; weight and
+        // bias are there, the caller checks).
+        const at::Tensor id_arg = id.defined() ? id : at::empty({0}, x->options());
+        y = BatchNormAct::apply(*x, w, b, id_arg, id.defined(), rm, rv, momentum, eps,
+                                relu != 0);
       } else {
         at::NoGradGuard no_grad;
         Stats s = train_stats(*x, w, b, eps);

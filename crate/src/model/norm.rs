@@ -10,8 +10,8 @@
 //! ops make three; its backward is libtorch's formulas with ReLU's mask folded in. Only the order
 //! of the double additions differs from libtorch's (tests/norm.rs measures both against
 //! float64). Other inputs (channels-last, whose statistics libtorch vectorises already, other
-//! kinds, other devices, one value a channel, evaluation under autograd) take libtorch's ops, as
-//! does a model traced for TorchScript. `D2L_FAST_BATCH_NORM=0` or
+//! kinds, other devices, one value a channel, evaluation under autograd, layers without weight
+//! and bias) take libtorch's ops, as does a model traced for TorchScript. `D2L_FAST_BATCH_NORM=0` or
 //! [`set_cpu_fast_batch_norm`]`(false)` uses libtorch's everywhere.
 use std::os::raw::{c_char, c_int};
 use std::sync::Once;
@@ -76,6 +76,7 @@ fn fast_applies(xs: &Tensor, bn: &BatchNorm, train: bool, identity: Option<&Tens
     if per_channel == 0 || (train && per_channel < 2) || !xs.is_contiguous() {
         return false;
     }
+    // An affine layer (weight and bias: what autograd's record of the kernel takes).
     let vectors_ok = [
         Some(&bn.running_mean),
         Some(&bn.running_var),
@@ -83,8 +84,7 @@ fn fast_applies(xs: &Tensor, bn: &BatchNorm, train: bool, identity: Option<&Tens
         bn.bs.as_ref(),
     ]
     .into_iter()
-    .flatten()
-    .all(|t| is_channel_vector(t, c));
+    .all(|t| t.is_some_and(|t| is_channel_vector(t, c)));
     vectors_ok
         && identity.is_none_or(|t| {
             t.size() == size
