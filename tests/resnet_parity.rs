@@ -114,12 +114,15 @@ fn three_sgd_steps_with_parameter_groups_match_pytorch() {
         rel(ours[0], torch64[0]),
         rel(torch[0], torch64[0]),
     );
+    // Each loss depends on every step before it, so the amplification of rounding that PyTorch's
+    // float32 error measures can only grow along them: the bound for loss i takes the largest of
+    // losses 0..=i. (One float32 run may land near the float64 value by chance: on an Intel
+    // Xeon with ATen's baseline kernels, loss 2's gave a bound of 4.6e-15 where loss 1's was
+    // 1.5e-14, and the float64 paths differed by 7.7e-15.)
+    let mut trusted: f64 = 0.0;
     for i in 0..3 {
-        assert_f64_as_close(
-            &format!("loss {i}"),
-            rel(ours64[i], torch64[i]),
-            rel(torch[i], torch64[i]),
-        );
+        trusted = trusted.max(rel(torch[i], torch64[i]));
+        assert_f64_as_close(&format!("loss {i}"), rel(ours64[i], torch64[i]), trusted);
     }
 
     // What 3 steps moved every tensor by (parameters and running statistics), ours against
