@@ -62,6 +62,7 @@ fn build_kernels(lib: &Path) {
         "src/train/sgd.cpp",
     ];
     println!("cargo:rerun-if-changed=src/guard.h");
+    println!("cargo:rerun-if-changed=src/parallel.h");
     for file in files {
         println!("cargo:rerun-if-changed={file}");
     }

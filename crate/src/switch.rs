@@ -1,4 +1,5 @@
 //! A process-wide on/off switch whose first reading comes from an environment variable.
+use std::os::raw::c_char;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 /// On unless the variable is `0` at the first reading; [`EnvSwitch::set`] overrides it.
@@ -18,6 +19,18 @@ impl EnvSwitch {
 
     pub(crate) fn set(&self, on: bool) {
         self.state.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+    }
+
+    /// A kernel behind this switch failed with the NUL-terminated message in `err` (text past
+    /// the buffer is ignored): off from now on, and said on stderr once, when it turns off.
+    pub(crate) fn turn_off(&self, what: &str, err: &[c_char]) {
+        if self.state.swap(2, Ordering::Relaxed) != 2 {
+            let bytes: Vec<u8> = err.iter().map(|&c| c as u8).take_while(|&b| b != 0).collect();
+            eprintln!(
+                "d2l: {what} failed ({}); using libtorch's from now on",
+                String::from_utf8_lossy(&bytes)
+            );
+        }
     }
 
     pub(crate) fn get(&self) -> bool {
@@ -54,5 +67,17 @@ mod tests {
         OFF.set(true);
         ON.set(false);
         assert!(OFF.get() && !ON.get());
+    }
+
+    #[test]
+    fn a_failure_turns_the_switch_off() {
+        static KERNEL: EnvSwitch = EnvSwitch::new("D2L_TEST_SWITCH_KERNEL");
+        assert!(KERNEL.get());
+        let err: Vec<std::os::raw::c_char> = b"boom\0junk".iter().map(|&b| b as _).collect();
+        KERNEL.turn_off("the test kernel", &err);
+        assert!(!KERNEL.get());
+        // Again while off: nothing changes (and nothing more is said).
+        KERNEL.turn_off("the test kernel", &err);
+        assert!(!KERNEL.get());
     }
 }

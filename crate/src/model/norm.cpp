@@ -17,37 +17,20 @@
 // 64 px crops) cost more than the arithmetic. The masked gradient is written out only when the
 // identity needs it. Exceptions come back as text (guard.h).
 #include <ATen/ATen.h>
-#include <ATen/TensorIterator.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include "../guard.h"
+#include "../parallel.h"
 
 #include <algorithm>
 #include <cmath>
+#include <utility>
 
 namespace {
 
-// Runs f(begin, end) over [0, n) on libtorch's threads: a TensorIterator over one byte an item
-// splits the range among them (at::parallel_for is a header template that would need this file
-// built with OpenMP). `grain`: the fewest items a task.
-template <typename F>
-void parallel(int64_t n, int64_t grain, const F& f) {
-  auto marks = at::empty({n}, at::TensorOptions().dtype(at::kByte));
-  auto iter = at::TensorIteratorConfig()
-                  .add_output(marks)
-                  .resize_outputs(false)
-                  .check_all_same_dtype(false)
-                  .build();
-  const char* first = static_cast<const char*>(marks.const_data_ptr());
-  iter.for_each(
-      [&](char** data, const int64_t* strides, int64_t n0, int64_t n1) {
-        for (int64_t j = 0; j < n1; ++j) {
-          const int64_t begin = data[0] + j * strides[1] - first;
-          f(begin, begin + n0);
-        }
-      },
-      std::max<int64_t>(1, grain));
-}
+// Helpers of the target_clones functions below: inlined, so that each clone compiles them for its
+// own instruction set.
+#define D2L_INLINE __attribute__((always_inline)) inline
 
 constexpr int kLanes = 16;
 
@@ -92,8 +75,8 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void channel_stats(
 
 // One plane: out = x * alpha + beta (+ identity) (then max with 0, NaN kept as ReLU keeps it).
 template <bool kIdentity, bool kRelu>
-__attribute__((always_inline)) inline void transform_plane(const float* __restrict x, const float* __restrict id,
-                            float* __restrict out, int64_t hw, float alpha, float beta) {
+D2L_INLINE void transform_plane(const float* __restrict x, const float* __restrict id,
+                                float* __restrict out, int64_t hw, float alpha, float beta) {
   for (int64_t i = 0; i < hw; ++i) {
     float v = x[i] * alpha + beta;
     if (kIdentity) v = v + id[i];
@@ -132,7 +115,7 @@ at::Tensor transform(const at::Tensor& x, const at::Tensor& identity, const at::
   const float* a = alpha.const_data_ptr<float>();
   const float* b = beta.const_data_ptr<float>();
   // About 32k values a task, as libtorch's grain for element-wise work.
-  parallel(n * c, 32768 / std::max<int64_t>(1, hw), [&](int64_t begin, int64_t end) {
+  d2l::parallel(n * c, 32768 / std::max<int64_t>(1, hw), [&](int64_t begin, int64_t end) {
     transform_planes(xd, idd, od, begin, end, c, hw, a, b, relu);
   });
   return out;
@@ -153,7 +136,7 @@ Stats train_stats(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
   const float* xd = x.const_data_ptr<float>();
   float* md = mean.data_ptr<float>();
   float* vd = var_sum.data_ptr<float>();
-  parallel(c, 1, [&](int64_t begin, int64_t end) {
+  d2l::parallel(c, 1, [&](int64_t begin, int64_t end) {
     for (int64_t ch = begin; ch < end; ++ch) {
       channel_stats(xd + ch * hw, n, c * hw, hw, md + ch, vd + ch);
     }
@@ -174,6 +157,31 @@ Stats train_stats(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
     beta[ch] = bv - md[ch] * alpha[ch];
   }
   return s;
+}
+
+// Evaluation: alpha and beta from the running statistics, as libtorch forms them
+// (`batch_norm_cpu_collect_linear_and_constant_terms`: invstd = 1 / std::sqrt(running_var +
+// eps), in float).
+std::pair<at::Tensor, at::Tensor> eval_terms(const at::Tensor& running_mean,
+                                             const at::Tensor& running_var,
+                                             const at::Tensor& weight, const at::Tensor& bias,
+                                             double eps) {
+  const int64_t c = running_mean.size(0);
+  auto alpha = at::empty({c}, running_mean.options());
+  auto beta = at::empty({c}, running_mean.options());
+  float* a = alpha.data_ptr<float>();
+  float* be = beta.data_ptr<float>();
+  const float* rm = running_mean.const_data_ptr<float>();
+  const float* rv = running_var.const_data_ptr<float>();
+  const float* w = weight.defined() ? weight.const_data_ptr<float>() : nullptr;
+  const float* b = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
+  for (int64_t ch = 0; ch < c; ++ch) {
+    const float invstd = 1 / std::sqrt(rv[ch] + static_cast<float>(eps));
+    const float wv = w != nullptr ? w[ch] : 1.0f, bv = b != nullptr ? b[ch] : 0.0f;
+    a[ch] = invstd * wv;
+    be[ch] = bv - rm[ch] * a[ch];
+  }
+  return {alpha, beta};
 }
 
 // The running statistics, in place, as libtorch updates them (float momentum; the unbiased
@@ -200,18 +208,18 @@ void update_running(const Stats& s, const at::Tensor& running_mean, const at::Te
 typedef float f8 __attribute__((vector_size(32)));
 typedef float f8u __attribute__((vector_size(32), aligned(4)));
 typedef double d8 __attribute__((vector_size(64)));
-__attribute__((always_inline)) inline f8 load8(const float* p) { return *reinterpret_cast<const f8u*>(p); }
-__attribute__((always_inline)) inline void store8(float* p, f8 v) { *reinterpret_cast<f8u*>(p) = v; }
-__attribute__((always_inline)) inline d8 wide(f8 v) { return __builtin_convertvector(v, d8); }
+D2L_INLINE f8 load8(const float* p) { return *reinterpret_cast<const f8u*>(p); }
+D2L_INLINE void store8(float* p, f8 v) { *reinterpret_cast<f8u*>(p) = v; }
+D2L_INLINE d8 wide(f8 v) { return __builtin_convertvector(v, d8); }
 
 // The gradient reaching BatchNorm's output: ReLU's `threshold_backward` (0 where the saved
 // output is <= 0; NaN passes, as in libtorch), or the incoming one.
 template <bool kRelu>
-__attribute__((always_inline)) inline float masked(float g, float y) {
+D2L_INLINE float masked(float g, float y) {
   return kRelu ? (y <= 0.0f ? 0.0f : g) : g;
 }
 template <bool kRelu>
-__attribute__((always_inline)) inline f8 masked8(const float* g, const float* y) {
+D2L_INLINE f8 masked8(const float* g, const float* y) {
   const f8 gv = load8(g);
   if (!kRelu) return gv;
   const f8 zero = {};
@@ -224,9 +232,9 @@ __attribute__((always_inline)) inline f8 masked8(const float* g, const float* y)
 // * w with k = dotp * invstd * invstd / N, grad_weight = dotp * invstd, grad_bias = sum. dy is
 // the ReLU-masked gradient; with `gid`, it is also written there (the identity's gradient).
 template <bool kRelu>
-__attribute__((always_inline)) inline void channel_backward(const float* x, const float* g, const float* y, float* gid,
-                             float* dx, int64_t planes, int64_t stride, int64_t hw, float mean,
-                             float invstd, float w, float* gw, float* gb) {
+D2L_INLINE void channel_backward(const float* x, const float* g, const float* y, float* gid,
+                                 float* dx, int64_t planes, int64_t stride, int64_t hw,
+                                 float mean, float invstd, float w, float* gw, float* gb) {
   d8 s0 = {}, s1 = {}, p0 = {}, p1 = {};
   double sum = 0, dotp = 0;
   const f8 mean8 = f8{} + mean;
@@ -336,7 +344,7 @@ Grads backward_train(const at::Tensor& grad, const at::Tensor& x, const at::Tens
   const float* w = weight.defined() ? weight.const_data_ptr<float>() : nullptr;
   const float* md = mean.const_data_ptr<float>();
   const float* sd = invstd.const_data_ptr<float>();
-  parallel(c, 1, [&](int64_t begin, int64_t end) {
+  d2l::parallel(c, 1, [&](int64_t begin, int64_t end) {
     channels_backward(xd, gd, yd, gid, dx, begin, end, n, c, hw, md, sd, w, gw, gb);
   });
   return out;
@@ -414,21 +422,7 @@ int d2l_batch_norm_act(const at::Tensor* x, const at::Tensor* weight, const at::
     } else if (at::GradMode::is_enabled() && needs_grad) {
       rc = 2;
     } else {
-      const int64_t c = x->size(1);
-      auto alpha = at::empty({c}, x->options()), beta = at::empty({c}, x->options());
-      float* a = alpha.data_ptr<float>();
-      float* be = beta.data_ptr<float>();
-      const float* rmd = rm.const_data_ptr<float>();
-      const float* rvd = rv.const_data_ptr<float>();
-      const float* wd = w.defined() ? w.const_data_ptr<float>() : nullptr;
-      const float* bd = b.defined() ? b.const_data_ptr<float>() : nullptr;
-      for (int64_t ch = 0; ch < c; ++ch) {
-        // libtorch (evaluation): invstd = 1 / std::sqrt(running_var + eps), in float.
-        const float invstd = 1 / std::sqrt(rvd[ch] + static_cast<float>(eps));
-        const float wv = wd != nullptr ? wd[ch] : 1.0f, bv = bd != nullptr ? bd[ch] : 0.0f;
-        a[ch] = invstd * wv;
-        be[ch] = bv - rmd[ch] * a[ch];
-      }
+      auto [alpha, beta] = eval_terms(rm, rv, w, b, eps);
       y = transform(*x, id, alpha, beta, relu != 0);
     }
     if (rc == 0) *out = new at::Tensor(std::move(y));

@@ -14,7 +14,6 @@
 //! and bias) take libtorch's ops, as does a model traced for TorchScript. `D2L_FAST_BATCH_NORM=0` or
 //! [`set_cpu_fast_batch_norm`]`(false)` uses libtorch's everywhere.
 use std::os::raw::{c_char, c_int};
-use std::sync::Once;
 
 use tch::nn::BatchNorm;
 use tch::{Device, Kind, Tensor};
@@ -143,16 +142,7 @@ pub fn batch_norm_act(
         }
         // 2: evaluation with autograd recording (the kernel records it in training only).
         if rc == 1 {
-            static SAID: Once = Once::new();
-            SAID.call_once(|| {
-                // SAFETY: NUL-terminated by the function (and the buffer starts zeroed).
-                let msg = unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) };
-                eprintln!(
-                    "d2l: the fused BatchNorm kernel failed ({}); using libtorch's from now on",
-                    msg.to_string_lossy()
-                );
-                FAST.set(false);
-            });
+            FAST.turn_off("the fused BatchNorm kernel", &err);
         }
     }
     let mut ys = Tensor::batch_norm(

@@ -12,10 +12,10 @@
 // when every value is -inf. The backward is libtorch's own `max_pool2d_with_indices_backward`,
 // so gradients are PyTorch's. Exceptions come back as text (guard.h).
 #include <ATen/ATen.h>
-#include <ATen/TensorIterator.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include "../guard.h"
+#include "../parallel.h"
 
 #include <algorithm>
 #include <cmath>
@@ -111,30 +111,16 @@ std::tuple<at::Tensor, at::Tensor> pool_forward(const at::Tensor& x, int64_t k, 
   const float* in = x.const_data_ptr<float>();
   float* o = out.data_ptr<float>();
   int64_t* id = idx.data_ptr<int64_t>();
-  // libtorch's own threads: a TensorIterator over one byte a plane splits the planes among
-  // them (at::parallel_for is a header template that would need this file built with OpenMP).
-  auto planes = at::empty({g.planes}, x.options().dtype(at::kByte));
-  auto iter = at::TensorIteratorConfig()
-                  .add_output(planes)
-                  .resize_outputs(false)
-                  .check_all_same_dtype(false)
-                  .build();
-  const char* first = static_cast<const char*>(planes.const_data_ptr());
   // About 32k window values a task, as libtorch's grain for element-wise work.
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, g.oh * g.ow * k * k));
-  iter.for_each(
-      [&](char** data, const int64_t* strides, int64_t n0, int64_t n1) {
-        std::vector<float> rv(g.h * g.ow);
-        std::vector<int32_t> ri(g.h * g.ow);
-        for (int64_t j = 0; j < n1; ++j) {
-          const int64_t begin = data[0] + j * strides[1] - first;
-          for (int64_t i = begin; i < begin + n0; ++i) {
-            pool_plane(g, in + i * g.h * g.w, o + i * g.oh * g.ow, id + i * g.oh * g.ow,
-                       rv.data(), ri.data());
-          }
-        }
-      },
-      grain);
+  d2l::parallel(g.planes, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> rv(g.h * g.ow);
+    std::vector<int32_t> ri(g.h * g.ow);
+    for (int64_t i = begin; i < end; ++i) {
+      pool_plane(g, in + i * g.h * g.w, o + i * g.oh * g.ow, id + i * g.oh * g.ow, rv.data(),
+                 ri.data());
+    }
+  });
   return {out, idx};
 }
 

@@ -11,7 +11,6 @@
 //! libtorch's `max_pool2d`, as does a model traced for TorchScript. `D2L_FAST_MAX_POOL=0` or
 //! [`set_cpu_fast_max_pool`]`(false)` uses libtorch's everywhere.
 use std::os::raw::{c_char, c_int};
-use std::sync::Once;
 
 use tch::{Device, Kind, Tensor};
 use torch_sys::C_tensor;
@@ -85,16 +84,7 @@ pub fn max_pool2d(xs: &Tensor, k: i64, stride: i64, padding: i64) -> Tensor {
             // SAFETY: a tensor the function allocated for us; `Tensor` frees it.
             return unsafe { Tensor::from_ptr(out) };
         }
-        static SAID: Once = Once::new();
-        SAID.call_once(|| {
-            // SAFETY: NUL-terminated by the function (and the buffer starts zeroed).
-            let msg = unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) };
-            eprintln!(
-                "d2l: the fast max pooling failed ({}); using libtorch's from now on",
-                msg.to_string_lossy()
-            );
-            FAST.set(false);
-        });
+        FAST.turn_off("the fast max pooling", &err);
     }
     xs.max_pool2d([k, k], [stride, stride], [padding, padding], [1, 1], false)
 }
