@@ -4,8 +4,10 @@
 //! backward includes the `(y * g).sum()` that feeds it a gradient, the same on both sides.
 //!
 //! ```text
-//! cargo run --release --example bench_norm
+//! cargo run --release --example bench_norm [--channels-last]
 //! ```
+//! `--channels-last`: the batches (input and gradient) in channels-last strides, as a model
+//! converted by the layout trial runs them.
 use std::time::Instant;
 
 use d2l::model::{batch_norm_act, set_cpu_fast_batch_norm, BN_EPS, BN_MOMENTUM};
@@ -13,6 +15,14 @@ use d2l::tch::nn::{self, VarStore};
 use d2l::tch::{Device, Kind, Tensor};
 
 fn main() {
+    let channels_last = std::env::args().skip(1).any(|a| a == "--channels-last");
+    let layout = |t: Tensor| {
+        if channels_last {
+            d2l::train::to_channels_last(&t).expect("a 4-d tensor")
+        } else {
+            t
+        }
+    };
     let vs = VarStore::new(Device::Cpu);
     let cpu = (Kind::Float, Device::Cpu);
     let shapes = [
@@ -27,8 +37,8 @@ fn main() {
     ];
     for (name, shape) in shapes {
         let bn = nn::batch_norm2d(vs.root() / name, shape[1], Default::default());
-        let x = Tensor::randn(shape, cpu).set_requires_grad(true);
-        let g = Tensor::randn(shape, cpu);
+        let x = layout(Tensor::randn(shape, cpu)).set_requires_grad(true);
+        let g = layout(Tensor::randn(shape, cpu));
         let reps = if shape[2] > 50 { 4 } else { 40 };
         // Kernel on, off, on, off: each figure the mean of `reps` calls after 2 warm-up calls.
         for fast in [true, false, true, false] {

@@ -4,7 +4,7 @@
 //! bench_train e2e  DATA_DIR [--crop 64] [--resize 72] [--batch 32] [--epochs 2] [--workers 2]
 //!                  [--device cpu|cuda] [--bf16] [--channels-last] [--no-im2col]
 //! bench_train step [--crop 64] [--batch 32] [--steps 20] [--device cpu|cuda] [--bf16] [--channels-last]
-//!                  [--no-im2col] [--host-input]
+//!                  [--no-im2col] [--host-input] [--ab-batch-norm]
 //! ```
 //! `e2e`: the notebook's `fine_tune` path (ImageFolder, the chapter's augmentations, the loader,
 //! ResNet-18, SGD with the 10x group, summed loss, d2l's `train_ch13` with its timer): d2l's
@@ -15,6 +15,10 @@
 //! went (`History::timing`: steps, waiting for batches, evaluation). `--device cuda` fails when
 //! no GPU is visible rather than measuring the CPU. `--no-im2col`: libtorch's convolution in
 //! every layer (see `d2l::model::set_cpu_im2col`), to compare with PyTorch kernel for kernel.
+//!
+//! `step --ab-batch-norm`: the fused BatchNorm kernel on and off in alternate steps (`--steps`
+//! pairs after warm-up), each step timed: the medians of each side and of the pairs' ratios,
+//! steadier than two runs on a machine whose speed drifts.
 //!
 //! `e2e --nproc N` (or under `torchrun --no-python --nproc-per-node N`): distributed
 //! data-parallel training over N processes at the same global `--batch`; rank 0 prints the line,
@@ -43,6 +47,7 @@ struct Args {
     threads: usize,
     im2col: bool,
     host_input: bool,
+    ab_batch_norm: bool,
 }
 
 fn parse() -> Result<Args, String> {
@@ -63,6 +68,7 @@ fn parse() -> Result<Args, String> {
         threads: 0,
         im2col: true,
         host_input: false,
+        ab_batch_norm: false,
         mode,
     };
     while let Some(arg) = it.next() {
@@ -95,6 +101,7 @@ fn parse() -> Result<Args, String> {
             "--channels-last" => a.step.channels_last = true,
             "--no-im2col" => a.im2col = false,
             "--host-input" => a.host_input = true,
+            "--ab-batch-norm" => a.ab_batch_norm = true,
             other if a.data.is_none() && !other.starts_with("--") => {
                 a.data = Some(other.to_owned())
             }
@@ -181,6 +188,37 @@ fn run() -> d2l::Result<()> {
                 train_batch_ch13(&mut dp, &x, &y, &cross_entropy, &mut trainer, &a.step)?;
             }
             sync(a.device);
+            if a.ab_batch_norm {
+                let mut secs = [Vec::new(), Vec::new()]; // [kernel on, off]
+                for i in 0..2 * (a.steps + 1) {
+                    let on = i % 2 == 0;
+                    d2l::model::set_cpu_fast_batch_norm(on);
+                    let t = Instant::now();
+                    train_batch_ch13(&mut dp, &x, &y, &cross_entropy, &mut trainer, &a.step)?;
+                    sync(a.device);
+                    if i >= 2 {
+                        secs[usize::from(!on)].push(t.elapsed().as_secs_f64());
+                    }
+                }
+                d2l::model::set_cpu_fast_batch_norm(true);
+                let median = |v: &[f64]| {
+                    let mut v = v.to_vec();
+                    v.sort_by(f64::total_cmp);
+                    v[v.len() / 2]
+                };
+                let ratios: Vec<f64> = secs[1].iter().zip(&secs[0]).map(|(off, on)| off / on).collect();
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "impl": "rust", "mode": "step-ab-batch-norm", "batch": a.batch, "crop": a.crop,
+                        "channels_last": a.step.channels_last,
+                        "kernel_s": secs[0], "libtorch_s": secs[1],
+                        "kernel_median_s": median(&secs[0]), "libtorch_median_s": median(&secs[1]),
+                        "median_pair_speedup": median(&ratios),
+                    })
+                );
+                return Ok(());
+            }
             let t = Instant::now();
             for _ in 0..a.steps {
                 train_batch_ch13(&mut dp, &x, &y, &cross_entropy, &mut trainer, &a.step)?;

@@ -7,13 +7,16 @@
 //! libtorch's float32 ops are off, times the usual multiplier. The gradients pass ReLU's kink;
 //! inputs are random normals, so a pre-activation within float32's rounding of 0 (which would
 //! move its gradient by its full size) is about a 1e-4 chance among these few thousand values.
-//! What the kernel does not take (float64, channels-last, one value a channel, evaluation under
-//! autograd) goes to libtorch's ops and gives their values to the bit.
+//! Each case runs in NCHW and in channels-last (the kernel takes both, with other loops). What
+//! the kernel does not take (float64, an identity in another layout than the input, one value a
+//! channel, evaluation under autograd) goes to libtorch's ops and gives their values to the bit.
 mod numerics;
 
 use std::sync::Mutex;
 
-use d2l::model::{batch_norm_act, set_cpu_fast_batch_norm, BN_EPS, BN_MOMENTUM};
+use d2l::model::{
+    batch_norm_act, batch_norm_act_uses_kernel, set_cpu_fast_batch_norm, BN_EPS, BN_MOMENTUM,
+};
 use d2l::tch::nn::{self, BatchNorm, VarStore};
 use d2l::tch::{Device, Kind, Tensor};
 use numerics::*;
@@ -37,6 +40,8 @@ fn layer(vs: &VarStore, c: i64) -> BatchNorm {
 /// What one call gives: output, running mean and variance after it, and the gradients of
 /// x, weight, bias, identity (training with autograd).
 struct Outcome {
+    /// Whether the call took the kernel (else libtorch's ops).
+    kernel: bool,
     y: Tensor,
     stats: Vec<Tensor>,
     grads: Vec<Tensor>,
@@ -70,6 +75,13 @@ fn run(
     let x = x.to_kind(kind).detach().set_requires_grad(autograd);
     let id = identity.map(|t| t.to_kind(kind).detach().set_requires_grad(autograd));
     let forward = || batch_norm_act(&x, &bn, train, BN_MOMENTUM, BN_EPS, id.as_ref(), relu);
+    // Asked as the call runs: with autograd, or under `no_grad`.
+    let uses_kernel = || batch_norm_act_uses_kernel(&x, &bn, train, id.as_ref());
+    let kernel = if autograd {
+        uses_kernel()
+    } else {
+        d2l::tch::no_grad(uses_kernel)
+    };
     let (y, grads) = if autograd {
         let y = forward();
         let mut inputs = vec![&x, bn.ws.as_ref().unwrap(), bn.bs.as_ref().unwrap()];
@@ -87,6 +99,7 @@ fn run(
         "the kernel failed and turned itself off (see its message above)"
     );
     Outcome {
+        kernel,
         y: y.detach(),
         stats: copies([&bn.running_mean, &bn.running_var]),
         grads,
@@ -110,19 +123,32 @@ fn the_kernel_is_as_close_to_float64_as_libtorchs_ops() {
         [8, 3, 1, 1],
         [2, 17, 33, 5],
     ];
-    for (i, shape) in shapes.iter().enumerate() {
+    let cases = shapes
+        .iter()
+        .enumerate()
+        .flat_map(|(i, shape)| [(i, shape, false), (i, shape, true)]);
+    for (i, shape, channels_last) in cases {
+        let layout = |t: Tensor| {
+            if channels_last {
+                d2l::train::to_channels_last(&t).unwrap()
+            } else {
+                t
+            }
+        };
         for (identity, relu) in [(false, true), (true, true), (false, false), (true, false)] {
             d2l::tch::manual_seed(100 + i as i64);
             let cpu = (Kind::Float, Device::Cpu);
             // An offset and a scale per channel, as a convolution's output has.
             let scale = Tensor::rand([1, shape[1], 1, 1], cpu) * 3.0 + 0.1;
             let x = Tensor::randn(*shape, cpu) * scale + Tensor::randn([1, shape[1], 1, 1], cpu);
-            let id = identity.then(|| Tensor::randn(*shape, cpu));
-            let g = Tensor::randn(*shape, cpu);
+            let x = layout(x);
+            let id = identity.then(|| layout(Tensor::randn(*shape, cpu)));
+            let g = layout(Tensor::randn(*shape, cpu));
             // Training with autograd, training without (statistics only), evaluation.
             for (train, autograd) in [(true, true), (true, false), (false, false)] {
                 let what = format!(
-                    "{shape:?}, identity {identity}, relu {relu}, {}",
+                    "{shape:?}{}, identity {identity}, relu {relu}, {}",
+                    if channels_last { " channels-last" } else { "" },
                     match (train, autograd) {
                         (true, true) => "training",
                         (true, false) => "training without autograd",
@@ -133,6 +159,7 @@ fn the_kernel_is_as_close_to_float64_as_libtorchs_ops() {
                 let exact = run(Kind::Double, true);
                 let ours = run(Kind::Float, true);
                 let theirs = run(Kind::Float, false);
+                assert!(ours.kernel && !theirs.kernel && !exact.kernel, "{what}: the paths");
                 assert_fp32_as_close(
                     &format!("output, {what}"),
                     rel_one(&ours.y, &exact.y),
@@ -171,9 +198,10 @@ fn what_the_kernel_does_not_take_is_libtorchs_to_the_bit() {
     d2l::tch::manual_seed(5);
     let x = Tensor::randn([4, 8, 5, 5], cpu);
     let g = Tensor::randn([4, 8, 5, 5], cpu);
-    let same = |what: &str, x: &Tensor, g: &Tensor, train: bool| {
-        let a = run(x, Some(x), true, train, true, g, x.kind(), true);
-        let b = run(x, Some(x), true, train, true, g, x.kind(), false);
+    let same = |what: &str, x: &Tensor, id: &Tensor, g: &Tensor, train: bool| {
+        let a = run(x, Some(id), true, train, true, g, x.kind(), true);
+        let b = run(x, Some(id), true, train, true, g, x.kind(), false);
+        assert!(!a.kernel, "{what}: libtorch's ops");
         assert_eq!(bits(&a.y), bits(&b.y), "{what}: output");
         for (s, t) in a
             .stats
@@ -184,16 +212,13 @@ fn what_the_kernel_does_not_take_is_libtorchs_to_the_bit() {
             assert_eq!(bits(s), bits(t), "{what}: statistics and gradients");
         }
     };
-    same(
-        "float64",
-        &x.to_kind(Kind::Double),
-        &g.to_kind(Kind::Double),
-        true,
-    );
+    let x64 = x.to_kind(Kind::Double);
+    same("float64", &x64, &x64, &g.to_kind(Kind::Double), true);
     let cl = |t: &Tensor| d2l::train::to_channels_last(t).unwrap();
-    same("channels-last", &cl(&x), &cl(&g), true);
+    same("an identity in another layout", &x, &cl(&x), &g, true);
+    same("an identity in another layout", &cl(&x), &x, &cl(&g), true);
     // Evaluation with autograd recording.
-    same("evaluation under autograd", &x, &g, false);
+    same("evaluation under autograd", &x, &x, &g, false);
     // One value a channel (libtorch's C++ op takes it: variance 0, running variance NaN; it is
     // Python's `F.batch_norm` that refuses it).
     let one = |t: &Tensor| {
@@ -202,5 +227,5 @@ fn what_the_kernel_does_not_take_is_libtorchs_to_the_bit() {
             .narrow(3, 0, 1)
             .contiguous()
     };
-    same("one value a channel", &one(&x), &one(&g), true);
+    same("one value a channel", &one(&x), &one(&x), &one(&g), true);
 }

@@ -170,7 +170,7 @@ pub fn clear_conv_choices() {
 }
 
 /// Whether autograd records operations on this thread now (`torch.is_grad_enabled()`).
-fn grad_enabled() -> bool {
+pub(crate) fn grad_enabled() -> bool {
     // SAFETY: plain calls into libtorch's thread-local grad mode; the second restores the first's
     // previous value.
     unsafe {

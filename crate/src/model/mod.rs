@@ -25,7 +25,10 @@ pub use conv::{
     set_cpu_im2col, Conv2d, ConvChoice, ConvPath, IM2COL_MAX_BYTES,
 };
 pub use export::export_torchscript;
-pub use norm::{batch_norm_act, cpu_fast_batch_norm, set_cpu_fast_batch_norm, BN_EPS, BN_MOMENTUM};
+pub use norm::{
+    batch_norm_act, batch_norm_act_uses_kernel, cpu_fast_batch_norm, set_cpu_fast_batch_norm,
+    BN_EPS, BN_MOMENTUM,
+};
 pub use pool::{cpu_fast_max_pool, max_pool2d, set_cpu_fast_max_pool};
 pub use pth::read_pth;
 pub use resnet::{linear, resnet18, Linear, ResNet};

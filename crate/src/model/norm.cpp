@@ -25,12 +25,19 @@
 #include <algorithm>
 #include <cmath>
 #include <utility>
+#include <vector>
 
 namespace {
 
 // Helpers of the target_clones functions below: inlined, so that each clone compiles them for its
 // own instruction set.
 #define D2L_INLINE __attribute__((always_inline)) inline
+
+// Whether x (4-d) is laid out channels-last (and not also contiguous in NCHW, as a batch with
+// one value a channel is): the kernels below take NCHW and channels-last.
+bool channels_last(const at::Tensor& x) {
+  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
 
 constexpr int kLanes = 16;
 
@@ -104,6 +111,102 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void transform_plan
   }
 }
 
+// Channels-last batches: x is `rows` = n*h*w rows of `c` values, one a channel, so every loop
+// below runs along a row, over the channels (vectorised), with one partial sum a channel and a
+// block of rows. The blocks are fixed by the shape alone (not by the number of threads), and
+// their partial sums are added in block order: the results do not depend on the threads.
+
+// Rows a block: at least 64, and at most 512 blocks.
+int64_t cl_block_rows(int64_t rows) { return std::max<int64_t>(64, (rows + 511) / 512); }
+
+// acc[ch] += x[r][ch] over the block's rows, in double.
+__attribute__((target_clones("avx512f", "avx2", "default"))) void cl_sum_rows(
+    const float* __restrict x, int64_t rows, int64_t c, double* __restrict acc) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* __restrict row = x + r * c;
+    for (int64_t ch = 0; ch < c; ++ch) acc[ch] += static_cast<double>(row[ch]);
+  }
+}
+
+// acc[ch] += (x[r][ch] - mean[ch])^2 over the block's rows, each square in float (libtorch's
+// term), added in double.
+__attribute__((target_clones("avx512f", "avx2", "default"))) void cl_dev_rows(
+    const float* __restrict x, int64_t rows, int64_t c, const float* __restrict mean,
+    double* __restrict acc) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* __restrict row = x + r * c;
+    for (int64_t ch = 0; ch < c; ++ch) {
+      const float d = row[ch] - mean[ch];
+      acc[ch] += static_cast<double>(d * d);
+    }
+  }
+}
+
+// Runs `block(b, first_row, rows, partial)` for every block, in parallel, each into its own `c`
+// doubles (zeroed), then adds the blocks' partials in block order into `total`.
+template <typename F>
+void cl_block_sums(int64_t rows, int64_t c, int64_t parts, double* total, const F& block) {
+  const int64_t per = cl_block_rows(rows);
+  const int64_t blocks = (rows + per - 1) / per;
+  std::vector<double> partial(static_cast<size_t>(blocks * c * parts), 0.0);
+  d2l::parallel(blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t first = b * per;
+      block(first, std::min(per, rows - first), partial.data() + b * c * parts);
+    }
+  });
+  std::fill(total, total + c * parts, 0.0);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const double* p = partial.data() + b * c * parts;
+    for (int64_t i = 0; i < c * parts; ++i) total[i] += p[i];
+  }
+}
+
+// The mean and the sum of squared deviations of each channel, as `channel_stats` computes them.
+void cl_stats(const float* x, int64_t rows, int64_t c, float* mean, float* var_sum) {
+  std::vector<double> total(static_cast<size_t>(c));
+  cl_block_sums(rows, c, 1, total.data(), [&](int64_t first, int64_t n, double* acc) {
+    cl_sum_rows(x + first * c, n, c, acc);
+  });
+  for (int64_t ch = 0; ch < c; ++ch) mean[ch] = static_cast<float>(total[ch] / rows);
+  cl_block_sums(rows, c, 1, total.data(), [&](int64_t first, int64_t n, double* acc) {
+    cl_dev_rows(x + first * c, n, c, mean, acc);
+  });
+  for (int64_t ch = 0; ch < c; ++ch) var_sum[ch] = static_cast<float>(total[ch]);
+}
+
+// out = relu?(x * alpha + beta + identity?) over rows of `c` channels.
+template <bool kIdentity, bool kRelu>
+D2L_INLINE void cl_transform(const float* __restrict x, const float* __restrict id,
+                             float* __restrict out, int64_t rows, int64_t c,
+                             const float* __restrict alpha, const float* __restrict beta) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t off = r * c;
+    for (int64_t ch = 0; ch < c; ++ch) {
+      float v = x[off + ch] * alpha[ch] + beta[ch];
+      if (kIdentity) v = v + id[off + ch];
+      if (kRelu) v = v < 0.0f ? 0.0f : v;
+      out[off + ch] = v;
+    }
+  }
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default"))) void cl_transform_rows(
+    const float* x, const float* id, float* out, int64_t rows, int64_t c, const float* alpha,
+    const float* beta, bool relu) {
+  if (id != nullptr) {
+    if (relu) {
+      cl_transform<true, true>(x, id, out, rows, c, alpha, beta);
+    } else {
+      cl_transform<true, false>(x, id, out, rows, c, alpha, beta);
+    }
+  } else if (relu) {
+    cl_transform<false, true>(x, nullptr, out, rows, c, alpha, beta);
+  } else {
+    cl_transform<false, false>(x, nullptr, out, rows, c, alpha, beta);
+  }
+}
+
 // relu(x * alpha + beta + identity) into a new tensor, over libtorch's threads.
 at::Tensor transform(const at::Tensor& x, const at::Tensor& identity, const at::Tensor& alpha,
                      const at::Tensor& beta, bool relu) {
@@ -114,6 +217,15 @@ at::Tensor transform(const at::Tensor& x, const at::Tensor& identity, const at::
   float* od = out.data_ptr<float>();
   const float* a = alpha.const_data_ptr<float>();
   const float* b = beta.const_data_ptr<float>();
+  if (channels_last(x)) {
+    const int64_t rows = n * hw;
+    // About 32k values a task.
+    d2l::parallel(rows, 32768 / std::max<int64_t>(1, c), [&](int64_t begin, int64_t end) {
+      cl_transform_rows(xd + begin * c, idd != nullptr ? idd + begin * c : nullptr,
+                        od + begin * c, end - begin, c, a, b, relu);
+    });
+    return out;
+  }
   // About 32k values a task, as libtorch's grain for element-wise work.
   d2l::parallel(n * c, 32768 / std::max<int64_t>(1, hw), [&](int64_t begin, int64_t end) {
     transform_planes(xd, idd, od, begin, end, c, hw, a, b, relu);
@@ -136,11 +248,15 @@ Stats train_stats(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
   const float* xd = x.const_data_ptr<float>();
   float* md = mean.data_ptr<float>();
   float* vd = var_sum.data_ptr<float>();
-  d2l::parallel(c, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t ch = begin; ch < end; ++ch) {
-      channel_stats(xd + ch * hw, n, c * hw, hw, md + ch, vd + ch);
-    }
-  });
+  if (channels_last(x)) {
+    cl_stats(xd, n * hw, c, md, vd);
+  } else {
+    d2l::parallel(c, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t ch = begin; ch < end; ++ch) {
+        channel_stats(xd + ch * hw, n, c * hw, hw, md + ch, vd + ch);
+      }
+    });
+  }
   Stats s{mean, var_sum, at::empty({c}, opts), at::empty({c}, opts), at::empty({c}, opts), count};
   float* invstd = s.save_invstd.data_ptr<float>();
   float* alpha = s.alpha.data_ptr<float>();
@@ -316,6 +432,119 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void channels_backw
   }
 }
 
+// Channels-last backward, pass 1 over a block of rows: acc[ch] += dy and acc[c + ch] +=
+// (x - mean) * dy (float terms, double sums, as `channel_backward`), dy written to `gid` with
+// kGid. Eight channels at a time down the block's rows, the sums in registers (GCC's vector
+// types: the auto-vectoriser leaves the mask's select scalar).
+template <bool kRelu, bool kGid>
+D2L_INLINE void cl_backward_sums(const float* x, const float* g, const float* y, float* gid,
+                                 int64_t rows, int64_t c, const float* mean, double* acc) {
+  int64_t ch = 0;
+  for (; ch + 8 <= c; ch += 8) {
+    d8 sum = {}, dotp = {};
+    const f8 m = load8(mean + ch);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t off = r * c + ch;
+      const f8 d = masked8<kRelu>(g + off, kRelu ? y + off : nullptr);
+      sum += wide(d);
+      dotp += wide((load8(x + off) - m) * d);
+      if (kGid) store8(gid + off, d);
+    }
+    for (int l = 0; l < 8; ++l) {
+      acc[ch + l] += sum[l];
+      acc[c + ch + l] += dotp[l];
+    }
+  }
+  for (; ch < c; ++ch) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t off = r * c + ch;
+      const float d = masked<kRelu>(g[off], kRelu ? y[off] : 0.0f);
+      acc[ch] += static_cast<double>(d);
+      acc[c + ch] += static_cast<double>((x[off] - mean[ch]) * d);
+      if (kGid) gid[off] = d;
+    }
+  }
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default"))) void cl_backward_sums_rows(
+    const float* x, const float* g, const float* y, float* gid, int64_t rows, int64_t c,
+    const float* mean, double* acc) {
+  if (y != nullptr) {
+    if (gid != nullptr) {
+      cl_backward_sums<true, true>(x, g, y, gid, rows, c, mean, acc);
+    } else {
+      cl_backward_sums<true, false>(x, g, y, nullptr, rows, c, mean, acc);
+    }
+  } else if (gid != nullptr) {
+    cl_backward_sums<false, true>(x, g, nullptr, gid, rows, c, mean, acc);
+  } else {
+    cl_backward_sums<false, false>(x, g, nullptr, nullptr, rows, c, mean, acc);
+  }
+}
+
+// Pass 2: dx = (dy - grad_mean - (x - mean) * k) * invstd * w, per channel as in
+// `channel_backward`.
+template <bool kRelu>
+D2L_INLINE void cl_backward_dx(const float* x, const float* g, const float* y, float* dx,
+                               int64_t rows, int64_t c, const float* mean, const float* k,
+                               const float* grad_mean, const float* invstd, const float* w) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t row = r * c;
+    int64_t ch = 0;
+    for (; ch + 8 <= c; ch += 8) {
+      const int64_t off = row + ch;
+      const f8 d = masked8<kRelu>(g + off, kRelu ? y + off : nullptr);
+      const f8 t = (load8(x + off) - load8(mean + ch)) * load8(k + ch);
+      store8(dx + off, (d - load8(grad_mean + ch) - t) * load8(invstd + ch) * load8(w + ch));
+    }
+    for (; ch < c; ++ch) {
+      const int64_t off = row + ch;
+      const float d = masked<kRelu>(g[off], kRelu ? y[off] : 0.0f);
+      const float t = (x[off] - mean[ch]) * k[ch];
+      dx[off] = (d - grad_mean[ch] - t) * invstd[ch] * w[ch];
+    }
+  }
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default"))) void cl_backward_dx_rows(
+    const float* x, const float* g, const float* y, float* dx, int64_t rows, int64_t c,
+    const float* mean, const float* k, const float* grad_mean, const float* invstd,
+    const float* w) {
+  if (y != nullptr) {
+    cl_backward_dx<true>(x, g, y, dx, rows, c, mean, k, grad_mean, invstd, w);
+  } else {
+    cl_backward_dx<false>(x, g, nullptr, dx, rows, c, mean, k, grad_mean, invstd, w);
+  }
+}
+
+// The channels-last backward: the sums of every channel over blocks of rows (in block order),
+// then dx over rows, both on libtorch's threads.
+void cl_backward(const float* xd, const float* gd, const float* yd, float* gid, float* dx,
+                 int64_t rows, int64_t c, const float* md, const float* sd, const float* w,
+                 float* gw, float* gb) {
+  std::vector<double> total(static_cast<size_t>(2 * c));
+  cl_block_sums(rows, c, 2, total.data(), [&](int64_t first, int64_t n, double* acc) {
+    cl_backward_sums_rows(xd + first * c, gd + first * c, yd != nullptr ? yd + first * c : nullptr,
+                          gid != nullptr ? gid + first * c : nullptr, n, c, md, acc);
+  });
+  std::vector<float> k(static_cast<size_t>(c)), grad_mean(static_cast<size_t>(c)),
+      wv(static_cast<size_t>(c));
+  for (int64_t ch = 0; ch < c; ++ch) {
+    const double sum = total[ch], dotp = total[c + ch];
+    if (gw != nullptr) gw[ch] = static_cast<float>(dotp * sd[ch]);
+    if (gb != nullptr) gb[ch] = static_cast<float>(sum);
+    k[ch] = static_cast<float>(dotp) * sd[ch] * sd[ch] / rows;
+    grad_mean[ch] = static_cast<float>(sum / rows);
+    wv[ch] = w != nullptr ? w[ch] : 1.0f;
+  }
+  if (dx == nullptr) return;
+  d2l::parallel(rows, 32768 / std::max<int64_t>(1, c), [&](int64_t begin, int64_t end) {
+    cl_backward_dx_rows(xd + begin * c, gd + begin * c, yd != nullptr ? yd + begin * c : nullptr,
+                        dx + begin * c, end - begin, c, md, k.data(), grad_mean.data(), sd,
+                        wv.data());
+  });
+}
+
 struct Grads {
   at::Tensor x, weight, bias, identity;
 };
@@ -325,7 +554,8 @@ struct Grads {
 Grads backward_train(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
                      const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& y,
                      bool want_x, bool want_w, bool want_b, bool want_id) {
-  const at::Tensor g = grad.contiguous();
+  const bool cl = channels_last(x);
+  const at::Tensor g = cl ? grad.contiguous(at::MemoryFormat::ChannelsLast) : grad.contiguous();
   const int64_t n = x.size(0), c = x.size(1), hw = x.numel() / (n * c);
   Grads out;
   if (want_x) out.x = at::empty_like(x);
@@ -344,6 +574,10 @@ Grads backward_train(const at::Tensor& grad, const at::Tensor& x, const at::Tens
   const float* w = weight.defined() ? weight.const_data_ptr<float>() : nullptr;
   const float* md = mean.const_data_ptr<float>();
   const float* sd = invstd.const_data_ptr<float>();
+  if (cl) {
+    cl_backward(xd, gd, yd, gid, dx, n * hw, c, md, sd, w, gw, gb);
+    return out;
+  }
   d2l::parallel(c, 1, [&](int64_t begin, int64_t end) {
     channels_backward(xd, gd, yd, gid, dx, begin, end, n, c, hw, md, sd, w, gw, gb);
   });
@@ -388,8 +622,8 @@ extern "C" {
 // `*out` = relu?(batch_norm(x) + identity?) as a new tensor (the caller frees it). `train`:
 // the batch's statistics (recorded for autograd when an input needs a gradient and grad mode is
 // on; the running statistics are updated in place), else the running ones (without autograd
-// only). x, identity: contiguous NCHW float CPU tensors
-// of one shape with more than one value a channel when training; weight, bias, running_mean,
+// only). x, identity: float CPU tensors of one shape, both contiguous NCHW or both
+// channels-last, with more than one value a channel when training; weight, bias, running_mean,
 // running_var: contiguous float [C] (identity may be null; weight and bias too without
 // autograd) (the caller checks). 0; 1 with the error in `err`;
 // 2 (nothing done) in evaluation when autograd would record: the caller takes libtorch's ops.

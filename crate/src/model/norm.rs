@@ -1,5 +1,5 @@
 //! ResNet's BatchNorm on the CPU with the residual addition and the ReLU that follow it, in one
-//! kernel for NCHW float batches, forward and backward.
+//! kernel for float batches (NCHW or channels-last), forward and backward.
 //!
 //! libtorch's training-mode statistics for NCHW batches add each channel's values one at a time
 //! into one double, twice (mean, then squared deviations), and its backward loops over each
@@ -9,10 +9,14 @@
 //! with libtorch's formulas, and writes `relu(bn(x) + identity)` in one pass where the block's
 //! ops make three; its backward is libtorch's formulas with ReLU's mask folded in. Only the order
 //! of the double additions differs from libtorch's (tests/norm.rs measures both against
-//! float64). Other inputs (channels-last, whose statistics libtorch vectorises already, other
-//! kinds, other devices, one value a channel, evaluation under autograd, layers without weight
-//! and bias) take libtorch's ops, as does a model traced for TorchScript. `D2L_FAST_BATCH_NORM=0` or
-//! [`set_cpu_fast_batch_norm`]`(false)` uses libtorch's everywhere.
+//! float64). Channels-last batches take the kernel too (sums along each row of channels, over
+//! fixed blocks of rows): there libtorch's BatchNorm backward and the ReLU's backward are slower
+//! than in NCHW (at 224 px with AVX2 kernels, 19 and 18 ms a call against 13 and 3 in PyTorch's
+//! profiler), and channels-last is the layout the trial picks for 224 px on AVX-512 machines.
+//! Other inputs (other kinds, other devices, an identity in another layout, one value a channel,
+//! evaluation under autograd, layers without weight and bias) take libtorch's ops, as does a
+//! model traced for TorchScript. `D2L_FAST_BATCH_NORM=0` or [`set_cpu_fast_batch_norm`]`(false)`
+//! uses libtorch's everywhere.
 use std::os::raw::{c_char, c_int};
 
 use tch::nn::BatchNorm;
@@ -63,6 +67,33 @@ fn is_channel_vector(t: &Tensor, c: i64) -> bool {
     t.size() == [c] && t.device() == Device::Cpu && t.kind() == Kind::Float && t.is_contiguous()
 }
 
+/// The layout of a 4-d tensor as the kernel reads it: `Some(false)` contiguous NCHW,
+/// `Some(true)` channels-last (NHWC strides; dimensions of size 1 may have any stride), `None`
+/// otherwise. A tensor that is both (one value a plane) counts as NCHW, as in `norm.cpp`.
+fn layout(t: &Tensor) -> Option<bool> {
+    if t.is_contiguous() {
+        return Some(false);
+    }
+    let (size, stride) = (t.size(), t.stride());
+    let [_, c, h, w] = size[..] else {
+        return None;
+    };
+    let nhwc = [h * w * c, 1, w * c, c];
+    (0..4)
+        .all(|i| size[i] == 1 || stride[i] == nhwc[i])
+        .then_some(true)
+}
+
+/// Whether [`batch_norm_act`] with these arguments takes the fused kernel (else libtorch's ops).
+pub fn batch_norm_act_uses_kernel(
+    xs: &Tensor,
+    bn: &BatchNorm,
+    train: bool,
+    identity: Option<&Tensor>,
+) -> bool {
+    fast_applies(xs, bn, train, identity)
+}
+
 /// Whether [`batch_norm_act`] takes the kernel for these tensors.
 fn fast_applies(xs: &Tensor, bn: &BatchNorm, train: bool, identity: Option<&Tensor>) -> bool {
     let size = xs.size();
@@ -72,7 +103,20 @@ fn fast_applies(xs: &Tensor, bn: &BatchNorm, train: bool, identity: Option<&Tens
     let c = size[1];
     let per_channel = size[0] * size[2] * size[3];
     // libtorch raises "Expected more than 1 value per channel when training": let it.
-    if per_channel == 0 || (train && per_channel < 2) || !xs.is_contiguous() {
+    if per_channel == 0 || (train && per_channel < 2) {
+        return false;
+    }
+    let Some(channels_last) = layout(xs) else {
+        return false;
+    };
+    // The kernel records training for autograd, not evaluation: libtorch's ops do.
+    let needs_grad = || {
+        [Some(xs), bn.ws.as_ref(), bn.bs.as_ref(), identity]
+            .into_iter()
+            .flatten()
+            .any(Tensor::requires_grad)
+    };
+    if !train && super::conv::grad_enabled() && needs_grad() {
         return false;
     }
     // An affine layer (weight and bias: what autograd's record of the kernel takes).
@@ -89,7 +133,7 @@ fn fast_applies(xs: &Tensor, bn: &BatchNorm, train: bool, identity: Option<&Tens
             t.size() == size
                 && t.kind() == Kind::Float
                 && t.device() == Device::Cpu
-                && t.is_contiguous()
+                && layout(t) == Some(channels_last)
         })
         && cpu_fast_batch_norm()
 }
@@ -116,9 +160,9 @@ pub fn batch_norm_act(
         let mut out: *mut C_tensor = std::ptr::null_mut();
         let mut err = [0 as c_char; 512];
         // SAFETY: live tensors (or null for the optional ones) that `fast_applies` checked:
-        // contiguous NCHW f32 on the CPU, [C] vectors, an identity of the same shape; the
-        // function writes a new tensor to `out` and returns 0, or writes a NUL-terminated
-        // message of at most `err.len()` bytes and returns 1.
+        // f32 on the CPU, contiguous NCHW or channels-last, [C] vectors, an identity of the same
+        // shape and layout; the function writes a new tensor to `out` and returns 0, or writes
+        // a NUL-terminated message of at most `err.len()` bytes and returns 1.
         let rc = unsafe {
             d2l_batch_norm_act(
                 xs.as_ptr(),
@@ -140,7 +184,8 @@ pub fn batch_norm_act(
             // SAFETY: a tensor the function allocated for us; `Tensor` frees it.
             return unsafe { Tensor::from_ptr(out) };
         }
-        // 2: evaluation with autograd recording (the kernel records it in training only).
+        // 2: evaluation with autograd recording (checked above too: the kernel records
+        // training only).
         if rc == 1 {
             FAST.turn_off("the fused BatchNorm kernel", &err);
         }
