@@ -2,9 +2,11 @@
 """The Rust tests under each of libtorch's CPU kernel sets, as other x86-64 CPUs would pick them.
 
 libtorch chooses its kernels by what the CPU can do: ATen's vectorised kernels by
-ATEN_CPU_CAPABILITY (default, avx2, avx512) and oneDNN's convolutions by ONEDNN_MAX_CPU_ISA
-(SSE41, AVX2, ...). Both variables cap the choice, so one machine can run the tests the way an
-older or a different CPU would, with other summation orders. This runs `cargo test --workspace`
+ATEN_CPU_CAPABILITY (default, avx2, avx512), oneDNN's convolutions by ONEDNN_MAX_CPU_ISA
+(SSE41, AVX2, ...) and MKL's matrix products (at::mm, the im2col path's) by
+MKL_ENABLE_INSTRUCTIONS (SSE4_2, AVX2, AVX512). The variables cap the choice, so one machine can
+run the tests the way an older or a different CPU would, with other summation orders; the rows
+that stand for a whole CPU (an AVX2 one, an old one) cap all three. This runs `cargo test --workspace`
 once with nothing set and once under each setting (leaving out the binaries in KERNEL_FREE,
 which test archives, downloads and processes, not numbers) (avx512 only where the CPU has it; both at
 their lowest, as on an old CPU), and prints a table: setting, what libtorch says it picked, tests
@@ -30,11 +32,12 @@ ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = [
     "",  # nothing set: what this CPU picks
     "ATEN_CPU_CAPABILITY=default",
-    "ATEN_CPU_CAPABILITY=avx2",
+    "ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2",
     "ATEN_CPU_CAPABILITY=avx512",
     "ONEDNN_MAX_CPU_ISA=SSE41",
     "ONEDNN_MAX_CPU_ISA=AVX2",
-    "ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41",  # an old CPU: both at their lowest
+    # An old CPU: everything at its lowest.
+    "ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_ENABLE_INSTRUCTIONS=SSE4_2",
 ]
 # Test binaries whose results cannot depend on libtorch's kernels (archives, downloads, caches,
 # processes, faults and the tuning cache): the first row runs them, the other rows leave them out.
@@ -50,6 +53,7 @@ PROBE = """
 import torch
 print("aten", torch.backends.cpu.get_cpu_capability())
 torch.nn.functional.conv2d(torch.randn(8, 64, 32, 32), torch.randn(64, 64, 3, 3))  # big enough for oneDNN
+torch.randn(64, 64) @ torch.randn(64, 64)  # MKL's sgemm
 """
 
 
@@ -69,7 +73,7 @@ def cpu_model():
 
 def env_for(setting):
     env = dict(os.environ)
-    for key in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+    for key in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS"):
         env.pop(key, None)
     for var in setting.split():
         key, value = var.split("=", 1)
@@ -78,8 +82,8 @@ def env_for(setting):
 
 
 def picked(torch_py, env):
-    """'aten avx2, onednn AVX2' as libtorch reports it under `env`."""
-    out = subprocess.run([torch_py, "-c", PROBE], env=dict(env, ONEDNN_VERBOSE="1"),
+    """'aten avx2, oneDNN AVX2, MKL AVX2' as libtorch reports it under `env`."""
+    out = subprocess.run([torch_py, "-c", PROBE], env=dict(env, ONEDNN_VERBOSE="1", MKL_VERBOSE="1"),
                          capture_output=True, text=True)
     aten = re.search(r"^aten (\S+)", out.stdout, re.M)
     isa = re.search(r"isa:([^,\n]+)", out.stdout)
@@ -87,7 +91,10 @@ def picked(torch_py, env):
         return f"(probe failed: {out.stderr.strip().splitlines()[-1:]})"
     isa = isa.group(1).strip() if isa else "?"
     isa = re.sub(r"^Intel ", "", isa)
-    return f"aten {aten.group(1).lower()}, oneDNN {isa}"
+    # "MKL_VERBOSE oneMKL 2024.0 ... Intel(R) Advanced Vector Extensions 2 (Intel(R) AVX2) ..."
+    mkl = re.search(r"MKL_VERBOSE oneMKL.*?\(Intel\(R\) ([^)]+)\)", out.stdout)
+    mkl = mkl.group(1) if mkl else "?"
+    return f"aten {aten.group(1).lower()}, oneDNN {isa}, MKL {mkl}"
 
 
 def run_tests(env, tests, log, lib=False):
