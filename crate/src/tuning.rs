@@ -9,8 +9,9 @@
 //! TorchInductor keeps its autotuning results in a cache on disk, and so does this: one JSON
 //! file a machine and setting, named by a hash of everything the times depend on (the CPU's model
 //! name and flags as Linux reports them, the kernel variables libtorch reads,
-//! `ATEN_CPU_CAPABILITY`, `ONEDNN_MAX_CPU_ISA` and `DNNL_MAX_CPU_ISA`, libtorch's version and
-//! thread count, and this crate's version and kernel [`GENERATION`]), so that another CPU,
+//! `ATEN_CPU_CAPABILITY`, `ONEDNN_MAX_CPU_ISA`, `DNNL_MAX_CPU_ISA` and MKL's
+//! `MKL_ENABLE_INSTRUCTIONS`, libtorch's version and thread count, and this crate's version and
+//! kernel [`GENERATION`]), so that another CPU,
 //! kernel set or thread count times afresh. The file lives in `D2L_TUNING_DIR`, else `tuning/`
 //! under [`d2l_home`]; it is read once a process, on first use, and each new measurement is
 //! merged into it and written atomically (a reader sees the old file or the new one).
@@ -48,10 +49,12 @@ pub fn tuning_cache() -> bool {
 }
 
 /// The kernel variables libtorch reads when it picks its CPU kernels.
-const KERNEL_VARS: [&str; 3] = [
+const KERNEL_VARS: [&str; 4] = [
     "ATEN_CPU_CAPABILITY",
     "ONEDNN_MAX_CPU_ISA",
     "DNNL_MAX_CPU_ISA",
+    // MKL's matrix products (the im2col path's) pick their instruction set from this.
+    "MKL_ENABLE_INSTRUCTIONS",
 ];
 
 /// Everything the measured times depend on besides the shapes: the cache file's key.
@@ -72,8 +75,9 @@ pub struct Machine {
 
 /// Raised when this crate's own kernels change what the timed choices compare, so that older
 /// cache files are not read (2: the CPU max pooling kernel, which changed NCHW's step against
-/// channels-last's, and the one-pass SGD step; 3: the fused BatchNorm kernel, NCHW's again).
-pub const GENERATION: u32 = 3;
+/// channels-last's, and the one-pass SGD step; 3: the fused BatchNorm kernel, NCHW's again; 4:
+/// the BatchNorm kernel for channels-last batches).
+pub const GENERATION: u32 = 4;
 
 impl Machine {
     /// This process's machine and setting, now (the thread count may change).
