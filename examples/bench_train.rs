@@ -206,7 +206,11 @@ fn run() -> d2l::Result<()> {
                     v.sort_by(f64::total_cmp);
                     v[v.len() / 2]
                 };
-                let ratios: Vec<f64> = secs[1].iter().zip(&secs[0]).map(|(off, on)| off / on).collect();
+                let ratios: Vec<f64> = secs[1]
+                    .iter()
+                    .zip(&secs[0])
+                    .map(|(off, on)| off / on)
+                    .collect();
                 println!(
                     "{}",
                     serde_json::json!({

@@ -159,7 +159,10 @@ fn the_kernel_is_as_close_to_float64_as_libtorchs_ops() {
                 let exact = run(Kind::Double, true);
                 let ours = run(Kind::Float, true);
                 let theirs = run(Kind::Float, false);
-                assert!(ours.kernel && !theirs.kernel && !exact.kernel, "{what}: the paths");
+                assert!(
+                    ours.kernel && !theirs.kernel && !exact.kernel,
+                    "{what}: the paths"
+                );
                 assert_fp32_as_close(
                     &format!("output, {what}"),
                     rel_one(&ours.y, &exact.y),

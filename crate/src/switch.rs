@@ -25,7 +25,11 @@ impl EnvSwitch {
     /// the buffer is ignored): off from now on, and said on stderr once, when it turns off.
     pub(crate) fn turn_off(&self, what: &str, err: &[c_char]) {
         if self.state.swap(2, Ordering::Relaxed) != 2 {
-            let bytes: Vec<u8> = err.iter().map(|&c| c as u8).take_while(|&b| b != 0).collect();
+            let bytes: Vec<u8> = err
+                .iter()
+                .map(|&c| c as u8)
+                .take_while(|&b| b != 0)
+                .collect();
             eprintln!(
                 "d2l: {what} failed ({}); using libtorch's from now on",
                 String::from_utf8_lossy(&bytes)

@@ -142,8 +142,8 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void cl_dev_rows(
   }
 }
 
-// Runs `block(b, first_row, rows, partial)` for every block, in parallel, each into its own `c`
-// doubles (zeroed), then adds the blocks' partials in block order into `total`.
+// Runs `block(first_row, rows, partial)` for every block of rows, in parallel, each into its own
+// `c * parts` doubles (zeroed), then adds the blocks' partials in block order into `total`.
 template <typename F>
 void cl_block_sums(int64_t rows, int64_t c, int64_t parts, double* total, const F& block) {
   const int64_t per = cl_block_rows(rows);

@@ -91,11 +91,6 @@ pub fn batch_norm_act_uses_kernel(
     train: bool,
     identity: Option<&Tensor>,
 ) -> bool {
-    fast_applies(xs, bn, train, identity)
-}
-
-/// Whether [`batch_norm_act`] takes the kernel for these tensors.
-fn fast_applies(xs: &Tensor, bn: &BatchNorm, train: bool, identity: Option<&Tensor>) -> bool {
     let size = xs.size();
     if size.len() != 4 || xs.device() != Device::Cpu || xs.kind() != Kind::Float {
         return false;
@@ -155,11 +150,11 @@ pub fn batch_norm_act(
     identity: Option<&Tensor>,
     relu: bool,
 ) -> Tensor {
-    if fast_applies(xs, bn, train, identity) {
+    if batch_norm_act_uses_kernel(xs, bn, train, identity) {
         let ptr = |t: Option<&Tensor>| t.map_or(std::ptr::null(), |t| t.as_ptr());
         let mut out: *mut C_tensor = std::ptr::null_mut();
         let mut err = [0 as c_char; 512];
-        // SAFETY: live tensors (or null for the optional ones) that `fast_applies` checked:
+        // SAFETY: live tensors (or null for the optional ones) that `batch_norm_act_uses_kernel` checked:
         // f32 on the CPU, contiguous NCHW or channels-last, [C] vectors, an identity of the same
         // shape and layout; the function writes a new tensor to `out` and returns 0, or writes
         // a NUL-terminated message of at most `err.len()` bytes and returns 1.
