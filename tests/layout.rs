@@ -26,19 +26,19 @@ fn cpu_training_times_both_layouts_and_keeps_the_quicker() {
         .clone()
         .expect("a CPU float32 run has a layout trial");
     assert_eq!(trial.batch, 4);
-    // 8 full batches: 2 warm-ups and up to 3 timed steps in each layout, always as many in
+    // 8 full batches: 2 warm-ups and 2 or 3 timed steps in each layout, always as many in
     // each when it decides.
     let (n, c) = (trial.nchw_s.len(), trial.channels_last_s.len());
-    assert!(n == c && (1..=3).contains(&n), "{trial:?}");
+    assert!(n == c && (2..=3).contains(&n), "{trial:?}");
     let chosen = trial.channels_last.expect("decided within 8 steps");
     let (nchw, cl) = (quickest(&trial.nchw_s), quickest(&trial.channels_last_s));
     assert_eq!(chosen, cl < nchw, "{trial:?}");
-    // It stopped at the first clear difference: 1.15x after one step each, 1.05x after two.
+    // It stopped at the first clear difference: 1.05x after two steps each (one step each
+    // never decides).
     let ratio = nchw.max(cl) / nchw.min(cl);
-    match n {
-        1 => assert!(ratio >= 1.15, "{trial:?}"),
-        2 => assert!(ratio >= 1.05, "{trial:?}"),
-        _ => {} // the third pair decides whatever the difference
+    // (The third pair decides whatever the difference.)
+    if n == 2 {
+        assert!(ratio >= 1.05, "{trial:?}");
     }
     // The timed steps are d2l's timed steps.
     let timed: f64 = trial.nchw_s.iter().chain(&trial.channels_last_s).sum();
