@@ -314,6 +314,12 @@ mod tests {
         (trial, net, vs)
     }
 
+    /// [`run`] on full batches, none an epoch's first, that took `times`.
+    fn run_times(times: &[f64]) -> (Trial, crate::model::ResNet, VarStore) {
+        let steps: Vec<_> = times.iter().map(|&t| (false, 4, t)).collect();
+        run(&steps)
+    }
+
     #[test]
     fn a_clear_win_ends_the_trial_after_two_timed_steps_each() {
         // Warm-ups (any time), then NCHW 1.0 s, channels-last 0.8 s: 1.25x, but one step each
@@ -344,11 +350,7 @@ mod tests {
     fn one_slow_step_does_not_decide() {
         // NCHW's first timed step slowed by a drift (1.3 s against 0.8 for channels-last), its
         // second 0.7 s, channels-last's second 0.82: NCHW.
-        let steps: Vec<_> = [9.0, 9.0, 1.3, 0.8, 0.82, 0.7]
-            .iter()
-            .map(|&t| (false, 4, t))
-            .collect();
-        let (trial, net, _vs) = run(&steps);
+        let (trial, net, _vs) = run_times(&[9.0, 9.0, 1.3, 0.8, 0.82, 0.7]);
         assert_eq!(trial.decided(), Some(false));
         assert!(!conv1_channels_last(&net));
     }
@@ -358,21 +360,16 @@ mod tests {
         // 1.0 against 0.95 (1.05x): not yet; then channels-last 0.97, NCHW 0.92: the quickest
         // are 0.92 and 0.95, 1.03x: not yet; then NCHW 0.99, channels-last 0.90: 0.92 against 0.90.
         let times = [9.0, 9.0, 1.0, 0.95, 0.97, 0.92, 0.99, 0.90];
-        let steps: Vec<_> = times.iter().map(|&t| (false, 4, t)).collect();
-        let (trial, net, _vs) = run(&steps[..6]);
+        let (trial, net, _vs) = run_times(&times[..6]);
         assert_eq!(trial.decided(), None);
         assert!(!conv1_channels_last(&net)); // the sixth trial step was NCHW
-        let (trial, net, _vs) = run(&steps);
+        let (trial, net, _vs) = run_times(&times);
         assert_eq!(trial.decided(), Some(true));
         assert_eq!(trial.record.nchw_s, [1.0, 0.92, 0.99]);
         assert_eq!(trial.record.channels_last_s, [0.95, 0.97, 0.90]);
         assert!(conv1_channels_last(&net));
         // A 1.05x difference in the second pair decides there: NCHW 1.0, 0.9; CL 1.2, 0.95.
-        let steps: Vec<_> = [9.0, 9.0, 1.0, 1.2, 0.95, 0.9]
-            .iter()
-            .map(|&t| (false, 4, t))
-            .collect();
-        let (trial, net, _vs) = run(&steps);
+        let (trial, net, _vs) = run_times(&[9.0, 9.0, 1.0, 1.2, 0.95, 0.9]);
         assert_eq!(trial.decided(), Some(false));
         assert!(!conv1_channels_last(&net));
     }
