@@ -34,9 +34,8 @@ fn cpu_training_times_both_layouts_and_keeps_the_quicker() {
     let (nchw, cl) = (quickest(&trial.nchw_s), quickest(&trial.channels_last_s));
     assert_eq!(chosen, cl < nchw, "{trial:?}");
     // It stopped at the first clear difference: 1.05x after two steps each (one step each
-    // never decides).
+    // never decides; the third pair decides whatever the difference).
     let ratio = nchw.max(cl) / nchw.min(cl);
-    // (The third pair decides whatever the difference.)
     if n == 2 {
         assert!(ratio >= 1.05, "{trial:?}");
     }

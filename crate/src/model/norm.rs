@@ -154,10 +154,10 @@ pub fn batch_norm_act(
         let ptr = |t: Option<&Tensor>| t.map_or(std::ptr::null(), |t| t.as_ptr());
         let mut out: *mut C_tensor = std::ptr::null_mut();
         let mut err = [0 as c_char; 512];
-        // SAFETY: live tensors (or null for the optional ones) that `batch_norm_act_uses_kernel` checked:
-        // f32 on the CPU, contiguous NCHW or channels-last, [C] vectors, an identity of the same
-        // shape and layout; the function writes a new tensor to `out` and returns 0, or writes
-        // a NUL-terminated message of at most `err.len()` bytes and returns 1.
+        // SAFETY: live tensors (or null for the optional ones) that `batch_norm_act_uses_kernel`
+        // checked: f32 on the CPU, contiguous NCHW or channels-last, [C] vectors, an identity of
+        // the same shape and layout; the function writes a new tensor to `out` and returns 0, or
+        // writes a NUL-terminated message of at most `err.len()` bytes and returns 1.
         let rc = unsafe {
             d2l_batch_norm_act(
                 xs.as_ptr(),

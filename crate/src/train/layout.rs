@@ -2,21 +2,22 @@
 //! steps on the machine that runs.
 //!
 //! Which layout trains faster depends on the CPU and on the kernels libtorch picks for it
-//! (`ATEN_CPU_CAPABILITY`, `ONEDNN_MAX_CPU_ISA`): on one 2-core AMD EPYC (AVX-512) ResNet-18 at
-//! 224 px ran its steps about 10% faster in channels-last (its max pooling alone 9x faster), on
-//! an earlier 2-core machine channels-last took 1.2-1.3 times as long at 64 px. So
-//! [`train_ch13`](super::train_ch13) times both on its first full-size batches: the first
-//! step in NCHW and the second in channels-last warm up (oneDNN builds its kernels for each
-//! layout's shapes), then two steps in each are timed, in the order NCHW, channels-last,
-//! channels-last, NCHW (so that a drift in the machine's speed falls on both), and where the
-//! quickest steps still differ by under 5%, a third pair; the quickest step of each decides (the
-//! loader and other programs only ever slow a step down). One timed step each is not enough: on
-//! a 2-core AMD EPYC (Zen 3) at 224 px one NCHW step of 3.81 s against channels-last's 2.96
-//! chose channels-last, which ran its steps in 3.53-3.54 s there against NCHW's 2.86-3.11. An epoch's first step is
-//! not timed: the loader is then decoding the epoch's first batches at once. The rest of the run, evaluation included, uses the faster layout; when it ends the
-//! model is given back in the standard layout. These are real training steps, the same
-//! arithmetic in another order, so the trial costs only the slower layout's extra time on a few
-//! steps. [`History::layout_trial`](super::History::layout_trial) keeps the times. The choice
+//! (`ATEN_CPU_CAPABILITY`, `ONEDNN_MAX_CPU_ISA`): on one 2-core AMD EPYC (AVX-512) ResNet-18 at 224
+//! px ran its steps about 10% faster in channels-last (its max pooling alone 9x faster), on an
+//! earlier 2-core machine channels-last took 1.2-1.3 times as long at 64 px. So
+//! [`train_ch13`](super::train_ch13) times both on its first full-size batches: the first step in
+//! NCHW and the second in channels-last warm up (oneDNN builds its kernels for each layout's
+//! shapes), then two steps in each are timed, in the order NCHW, channels-last, channels-last, NCHW
+//! (so that a drift in the machine's speed falls on both), and where the quickest steps still
+//! differ by under 5%, a third pair; the quickest step of each decides (the loader and other
+//! programs only ever slow a step down). One timed step each is not enough: on a 2-core AMD EPYC
+//! (Zen 3) at 224 px one NCHW step of 3.81 s against channels-last's 2.96 chose channels-last,
+//! which ran its steps in 3.53-3.54 s there against NCHW's 2.86-3.11. An epoch's first step is not
+//! timed: the loader is then decoding the epoch's first batches at once. The rest of the run,
+//! evaluation included, uses the faster layout; when it ends the model is given back in the
+//! standard layout. These are real training steps, the same arithmetic in another order, so the
+//! trial costs only the slower layout's extra time on a few steps.
+//! [`History::layout_trial`](super::History::layout_trial) keeps the times. The choice
 //! is kept in the tuning cache ([`crate::tuning`]): a later process on the same machine that
 //! trains the same model on batches of the same shape takes it at its first step and times
 //! nothing (`LayoutTrial::cached`).
