@@ -57,6 +57,7 @@ fn cxx11_abi() -> String {
 /// optimised in every profile (the tests run the same code as a release build).
 fn build_kernels(lib: &Path) {
     let files = [
+        "src/model/conv.cpp",
         "src/model/norm.cpp",
         "src/model/pool.cpp",
         "src/train/sgd.cpp",

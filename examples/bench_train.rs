@@ -4,7 +4,7 @@
 //! bench_train e2e  DATA_DIR [--crop 64] [--resize 72] [--batch 32] [--epochs 2] [--workers 2]
 //!                  [--device cpu|cuda] [--bf16] [--channels-last] [--no-im2col]
 //! bench_train step [--crop 64] [--batch 32] [--steps 20] [--device cpu|cuda] [--bf16] [--channels-last]
-//!                  [--no-im2col] [--host-input] [--ab-batch-norm]
+//!                  [--no-im2col] [--host-input] [--ab-batch-norm | --ab-gemm-weight-grad]
 //! ```
 //! `e2e`: the notebook's `fine_tune` path (ImageFolder, the chapter's augmentations, the loader,
 //! ResNet-18, SGD with the 10x group, summed loss, d2l's `train_ch13` with its timer): d2l's
@@ -18,7 +18,9 @@
 //!
 //! `step --ab-batch-norm`: the fused BatchNorm kernel on and off in alternate steps (`--steps`
 //! pairs after warm-up), each step timed: the medians of each side and of the pairs' ratios,
-//! steadier than two runs on a machine whose speed drifts.
+//! steadier than two runs on a machine whose speed drifts. `step --ab-gemm-weight-grad`: the same
+//! for the matrix-product weight gradient of channels-last convolutions (`--channels-last`),
+//! where the timing chose it (`d2l::model::set_cpu_gemm_weight_grad`).
 //!
 //! `e2e --nproc N` (or under `torchrun --no-python --nproc-per-node N`): distributed
 //! data-parallel training over N processes at the same global `--batch`; rank 0 prints the line,
@@ -47,7 +49,9 @@ struct Args {
     threads: usize,
     im2col: bool,
     host_input: bool,
-    ab_batch_norm: bool,
+    /// `--ab-batch-norm` / `--ab-gemm-weight-grad`: the name of the kernel switched in
+    /// alternate steps.
+    ab: Option<&'static str>,
 }
 
 fn parse() -> Result<Args, String> {
@@ -68,7 +72,7 @@ fn parse() -> Result<Args, String> {
         threads: 0,
         im2col: true,
         host_input: false,
-        ab_batch_norm: false,
+        ab: None,
         mode,
     };
     while let Some(arg) = it.next() {
@@ -101,7 +105,8 @@ fn parse() -> Result<Args, String> {
             "--channels-last" => a.step.channels_last = true,
             "--no-im2col" => a.im2col = false,
             "--host-input" => a.host_input = true,
-            "--ab-batch-norm" => a.ab_batch_norm = true,
+            "--ab-batch-norm" => a.ab = Some("batch-norm"),
+            "--ab-gemm-weight-grad" => a.ab = Some("gemm-weight-grad"),
             other if a.data.is_none() && !other.starts_with("--") => {
                 a.data = Some(other.to_owned())
             }
@@ -188,11 +193,15 @@ fn run() -> d2l::Result<()> {
                 train_batch_ch13(&mut dp, &x, &y, &cross_entropy, &mut trainer, &a.step)?;
             }
             sync(a.device);
-            if a.ab_batch_norm {
+            if let Some(ab) = a.ab {
+                let switch = |on: bool| match ab {
+                    "batch-norm" => d2l::model::set_cpu_fast_batch_norm(on),
+                    _ => d2l::model::set_cpu_gemm_weight_grad(on),
+                };
                 let mut secs = [Vec::new(), Vec::new()]; // [kernel on, off]
                 for i in 0..2 * (a.steps + 1) {
                     let on = i % 2 == 0;
-                    d2l::model::set_cpu_fast_batch_norm(on);
+                    switch(on);
                     let t = Instant::now();
                     train_batch_ch13(&mut dp, &x, &y, &cross_entropy, &mut trainer, &a.step)?;
                     sync(a.device);
@@ -200,7 +209,7 @@ fn run() -> d2l::Result<()> {
                         secs[usize::from(!on)].push(t.elapsed().as_secs_f64());
                     }
                 }
-                d2l::model::set_cpu_fast_batch_norm(true);
+                switch(true);
                 let median = |v: &[f64]| {
                     let mut v = v.to_vec();
                     v.sort_by(f64::total_cmp);
@@ -214,7 +223,7 @@ fn run() -> d2l::Result<()> {
                 println!(
                     "{}",
                     serde_json::json!({
-                        "impl": "rust", "mode": "step-ab-batch-norm", "batch": a.batch, "crop": a.crop,
+                        "impl": "rust", "mode": format!("step-ab-{ab}"), "batch": a.batch, "crop": a.crop,
                         "channels_last": a.step.channels_last,
                         "kernel_s": secs[0], "libtorch_s": secs[1],
                         "kernel_median_s": median(&secs[0]), "libtorch_median_s": median(&secs[1]),

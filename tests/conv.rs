@@ -134,7 +134,7 @@ fn im2col_path_matches_libtorch_convolution_where_it_is_taken() {
         }
     }
 
-    // Channels-last inputs keep libtorch's convolution (it keeps their layout).
+    // Channels-last inputs never take im2col (libtorch's convolution keeps their layout).
     let vs = VarStore::new(Device::Cpu);
     let c = conv2d(vs.root(), 8, 8, 3, 1, 1);
     let x = Tensor::randn([4, 8, 2, 2], (Kind::Float, Device::Cpu));
@@ -177,18 +177,20 @@ fn autotuned_choice_is_measured_once_and_used(c: &Conv2d) {
     assert_eq!(choice.input, [4, 8, 2, 2]);
     assert_eq!(choice.weight, [8, 8, 3, 3]);
     assert!(choice.weight_grad && !choice.input_grad, "{choice:?}");
-    for ms in [choice.libtorch_ms, choice.im2col_ms] {
+    assert!(!choice.channels_last && choice.candidate == ConvPath::Im2col);
+    for ms in [choice.libtorch_ms, choice.candidate_ms] {
         assert!(ms.is_finite() && ms > 0.0, "{choice:?}");
     }
-    let faster = if choice.im2col_ms < choice.libtorch_ms {
+    let faster = if choice.candidate_ms < choice.libtorch_ms {
         ConvPath::Im2col
     } else {
         ConvPath::Libtorch
     };
     assert_eq!(choice.chosen, faster, "{choice:?}");
-    let want = match faster {
-        ConvPath::Im2col => &by_im2col,
-        ConvPath::Libtorch => &by_libtorch,
+    let want = if faster == ConvPath::Im2col {
+        &by_im2col
+    } else {
+        &by_libtorch
     };
     assert!(
         y.equal(want),

@@ -24,16 +24,18 @@ impl EnvSwitch {
     /// A kernel behind this switch failed with the NUL-terminated message in `err` (text past
     /// the buffer is ignored): off from now on, and said on stderr once, when it turns off.
     pub(crate) fn turn_off(&self, what: &str, err: &[c_char]) {
+        let bytes: Vec<u8> = err
+            .iter()
+            .map(|&c| c as u8)
+            .take_while(|&b| b != 0)
+            .collect();
+        self.turn_off_with(what, &String::from_utf8_lossy(&bytes));
+    }
+
+    /// As [`EnvSwitch::turn_off`], with the message as text.
+    pub(crate) fn turn_off_with(&self, what: &str, msg: &str) {
         if self.state.swap(2, Ordering::Relaxed) != 2 {
-            let bytes: Vec<u8> = err
-                .iter()
-                .map(|&c| c as u8)
-                .take_while(|&b| b != 0)
-                .collect();
-            eprintln!(
-                "d2l: {what} failed ({}); using libtorch's from now on",
-                String::from_utf8_lossy(&bytes)
-            );
+            eprintln!("d2l: {what} failed ({msg}); using libtorch's from now on");
         }
     }
 

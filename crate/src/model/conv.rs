@@ -22,17 +22,113 @@
 //! timing off and uses a fixed rule (im2col where an output image has at most 4 positions), which
 //! makes the choice the same in every process: runs compared bit for bit across processes (a
 //! resumed run against an uninterrupted one) need that. [`set_cpu_im2col`]`(false)` uses
-//! libtorch's convolution everywhere (PyTorch's kernels exactly). Other devices and channels-last
-//! inputs always keep libtorch's convolution.
+//! libtorch's convolution everywhere (PyTorch's kernels exactly).
+//!
+//! Channels-last batches have another candidate, for training: libtorch's forward and input
+//! gradient with the weight gradient as im2col matrix products (`conv.cpp`, on bounded chunks of
+//! the im2col rows). oneDNN's channels-last weight gradient is a direct kernel that ran at about
+//! half its forward's speed on an AVX2 AMD EPYC (Zen 3) at 224 px (ResNet-18's 3x3 layers, batch
+//! 32: 1.9 s of a 3.7 s step went to weight gradients, 0.9 s to forwards), where the matrix
+//! products ran 1.2-1.6x faster than it on the 3x3 layers and lost on the 7x7 one. As only the
+//! weight gradient differs, that is what is timed (libtorch's `convolution_backward` for the
+//! weight alone against the matrix products), on the first use of each shape, as above; with
+//! autotuning off libtorch's is used. `D2L_CONV_GEMM_WEIGHT_GRAD=0` or
+//! [`set_cpu_gemm_weight_grad`]`(false)` turns this candidate off. Other devices and kinds
+//! always keep libtorch's convolution.
 use std::collections::HashMap;
+use std::os::raw::{c_char, c_int};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
 use tch::nn::{self, Init};
 use tch::{Device, Kind, Tensor};
+use torch_sys::C_tensor;
 
 use crate::switch::EnvSwitch;
+
+extern "C" {
+    fn d2l_conv2d_gemm_wgrad(
+        x: *const C_tensor,
+        w: *const C_tensor,
+        s: i64,
+        p: i64,
+        out: *mut *mut C_tensor,
+        err: *mut c_char,
+        len: usize,
+    ) -> c_int;
+    #[allow(clippy::too_many_arguments)]
+    fn d2l_conv2d_weight_grad(
+        x: *const C_tensor,
+        dy: *const C_tensor,
+        w: *const C_tensor,
+        s: i64,
+        p: i64,
+        gemm: c_int,
+        out: *mut *mut C_tensor,
+        err: *mut c_char,
+        len: usize,
+    ) -> c_int;
+}
+
+/// Runs one of conv.cpp's functions that writes a new tensor to `out` (0) or an error (1).
+fn from_cpp(
+    what: &'static str,
+    f: impl FnOnce(*mut *mut C_tensor, *mut c_char, usize) -> c_int,
+) -> crate::Result<Tensor> {
+    let mut out: *mut C_tensor = std::ptr::null_mut();
+    let mut err = [0 as c_char; 512];
+    if f(&mut out, err.as_mut_ptr(), err.len()) == 0 {
+        // SAFETY: a tensor the function allocated for us; `Tensor` frees it.
+        return Ok(unsafe { Tensor::from_ptr(out) });
+    }
+    let bytes: Vec<u8> = err
+        .iter()
+        .map(|&c| c as u8)
+        .take_while(|&b| b != 0)
+        .collect();
+    Err(crate::Error::InvalidArgument {
+        function: what,
+        msg: String::from_utf8_lossy(&bytes).into_owned(),
+    })
+}
+
+/// The weight gradient of `conv2d(xs, ws, stride, padding)` (no bias, square kernel) for the
+/// output gradient `dy`, by libtorch's `convolution_backward` (`gemm` false: what PyTorch runs)
+/// or as im2col matrix products (`conv.cpp`). Float CPU tensors.
+pub fn conv2d_weight_grad(
+    xs: &Tensor,
+    dy: &Tensor,
+    ws: &Tensor,
+    stride: i64,
+    padding: i64,
+    gemm: bool,
+) -> crate::Result<Tensor> {
+    // SAFETY: live tensors; the function writes a new tensor or a NUL-terminated message of at
+    // most `len` bytes.
+    from_cpp("conv2d_weight_grad", |out, err, len| unsafe {
+        d2l_conv2d_weight_grad(
+            xs.as_ptr(),
+            dy.as_ptr(),
+            ws.as_ptr(),
+            stride,
+            padding,
+            c_int::from(gemm),
+            out,
+            err,
+            len,
+        )
+    })
+}
+
+/// `conv2d(xs, ws, stride, padding)` by libtorch, with the weight gradient (when autograd
+/// records) as im2col matrix products (`conv.cpp`).
+fn conv2d_gemm_wgrad(xs: &Tensor, ws: &Tensor, stride: i64, padding: i64) -> crate::Result<Tensor> {
+    // SAFETY: as in `conv2d_weight_grad`.
+    from_cpp("conv2d_gemm_wgrad", |out, err, len| unsafe {
+        d2l_conv2d_gemm_wgrad(xs.as_ptr(), ws.as_ptr(), stride, padding, out, err, len)
+    })
+}
 
 /// With autotuning off, the most output positions an image (`out_h * out_w`) for which the CPU
 /// path is im2col and a matrix product (measured on one 2-core machine, ms for forward and
@@ -51,6 +147,20 @@ pub const IM2COL_MAX_BYTES: i64 = 8 << 20;
 static IM2COL: AtomicBool = AtomicBool::new(true);
 
 static AUTOTUNE: EnvSwitch = EnvSwitch::new("D2L_CONV_AUTOTUNE");
+
+static GEMM_WEIGHT_GRAD: EnvSwitch = EnvSwitch::new("D2L_CONV_GEMM_WEIGHT_GRAD");
+
+/// Whether channels-last CPU training may compute a convolution's weight gradient as im2col
+/// matrix products where that was timed faster (the default, `true`; see the module's text).
+/// Process-wide; [`set_cpu_im2col`]`(false)` turns it off too.
+pub fn set_cpu_gemm_weight_grad(enabled: bool) {
+    GEMM_WEIGHT_GRAD.set(enabled);
+}
+
+/// See [`set_cpu_gemm_weight_grad`].
+pub fn cpu_gemm_weight_grad() -> bool {
+    GEMM_WEIGHT_GRAD.get() && cpu_im2col()
+}
 
 /// Whether ResNet's CPU convolutions may use im2col and a matrix product (the default, `true`)
 /// or libtorch's convolution everywhere (`false`, to compare with PyTorch kernel for kernel).
@@ -83,11 +193,17 @@ pub enum ConvPath {
     Libtorch,
     /// im2col, then one matrix product.
     Im2col,
+    /// libtorch's `conv2d` and input gradient, the weight gradient as im2col matrix products
+    /// (channels-last batches).
+    GemmWeightGrad,
 }
 
 /// One measured choice: the shape (its batch size rounded up to a power of two: batches of 17 to
-/// 32 images share the choice measured on the first of them), whether gradients were recorded (then the times include the
-/// backward), the milliseconds of each path (the least of a few runs) and the one kept.
+/// 32 images share the choice measured on the first of them) and layout, whether gradients were
+/// recorded, the milliseconds of libtorch's path and of the other candidate (the least of a few
+/// runs) and the one kept. For NCHW batches the candidate is [`ConvPath::Im2col`], timed on the
+/// forward and (when gradients are recorded) the backward; for channels-last ones it is
+/// [`ConvPath::GemmWeightGrad`], timed on the weight gradient alone, the only part that differs.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct ConvChoice {
     /// `[n, c_in, h, w]`, `n` rounded up to a power of two.
@@ -96,11 +212,15 @@ pub struct ConvChoice {
     pub weight: [i64; 4],
     pub stride: i64,
     pub padding: i64,
+    /// Whether the input was channels-last.
+    pub channels_last: bool,
     /// Whether the input and the weight needed gradients (the backward was timed for those).
     pub input_grad: bool,
     pub weight_grad: bool,
     pub libtorch_ms: f64,
-    pub im2col_ms: f64,
+    /// The path timed against libtorch's.
+    pub candidate: ConvPath,
+    pub candidate_ms: f64,
     pub chosen: ConvPath,
     /// Read from the tuning cache (measured by an earlier process on this machine, see
     /// [`crate::tuning`]) rather than measured by this one.
@@ -115,6 +235,7 @@ impl ConvChoice {
             weight: self.weight,
             stride: self.stride,
             padding: self.padding,
+            channels_last: self.channels_last,
             input_grad: self.input_grad,
             weight_grad: self.weight_grad,
         }
@@ -127,6 +248,7 @@ struct Key {
     weight: [i64; 4],
     stride: i64,
     padding: i64,
+    channels_last: bool,
     input_grad: bool,
     weight_grad: bool,
 }
@@ -203,6 +325,23 @@ pub(crate) fn with_libtorch_conv<T>(f: impl FnOnce() -> T) -> T {
     f()
 }
 
+/// Whether `xs` is a 4-D float CPU tensor.
+fn is_cpu_f32_batch(xs: &Tensor) -> bool {
+    xs.dim() == 4 && xs.device() == Device::Cpu && xs.kind() == Kind::Float
+}
+
+/// Whether the 4-D `xs` is channels-last and dense: strides `[h*w*c, 1, w*c, c]` (sizes of 1
+/// aside, whose strides do not matter).
+pub(crate) fn is_channels_last(xs: &Tensor) -> bool {
+    let (size, stride) = (xs.size(), xs.stride());
+    if size.len() != 4 {
+        return false;
+    }
+    let (c, h, w) = (size[1], size[2], size[3]);
+    let want = [h * w * c, 1, w * c, c];
+    (0..4).all(|i| size[i] == 1 || stride[i] == want[i])
+}
+
 /// A square convolution without bias, weight `[c_out, c_in, k, k]`, initialised like
 /// torchvision's ResNet: `kaiming_normal_(mode="fan_out", nonlinearity="relu")`.
 #[derive(Debug)]
@@ -237,12 +376,7 @@ impl Conv2d {
     /// f32 CPU batch, [`cpu_im2col`] on, a buffer of at most [`IM2COL_MAX_BYTES`].
     fn im2col_positions(&self, xs: &Tensor) -> Option<i64> {
         let size = xs.size();
-        if size.len() != 4
-            || xs.device() != Device::Cpu
-            || xs.kind() != Kind::Float
-            || !xs.is_contiguous()
-            || !cpu_im2col()
-        {
+        if !is_cpu_f32_batch(xs) || !xs.is_contiguous() || !cpu_im2col() {
             return None;
         }
         let (oh, ow) = self.out_size(size[2], size[3]);
@@ -251,19 +385,34 @@ impl Conv2d {
         (oh > 0 && ow > 0 && bytes <= IM2COL_MAX_BYTES).then_some(oh * ow)
     }
 
+    /// Whether `xs` may take [`ConvPath::GemmWeightGrad`]: a channels-last f32 CPU batch, the
+    /// weight's gradient recorded, a float weight, [`cpu_gemm_weight_grad`] on.
+    fn gemm_weight_grad_applies(&self, xs: &Tensor) -> bool {
+        is_cpu_f32_batch(xs)
+            && is_channels_last(xs)
+            && self.ws.kind() == Kind::Float
+            && self.ws.requires_grad()
+            && grad_enabled()
+            && cpu_gemm_weight_grad()
+    }
+
     /// The path `forward` takes for `xs`. With autotuning on (see the module's text), a shape
     /// seen for the first time is measured first (both paths run on `xs`, which is not changed).
     pub fn path_for(&self, xs: &Tensor) -> ConvPath {
-        let Some(positions) = self.im2col_positions(xs) else {
-            return ConvPath::Libtorch;
+        let candidate = match self.im2col_positions(xs) {
+            Some(positions) if !conv_autotune() => {
+                return if positions <= IM2COL_MAX_POSITIONS {
+                    ConvPath::Im2col
+                } else {
+                    ConvPath::Libtorch
+                };
+            }
+            Some(_) => ConvPath::Im2col,
+            None if conv_autotune() && self.gemm_weight_grad_applies(xs) => {
+                ConvPath::GemmWeightGrad
+            }
+            None => return ConvPath::Libtorch,
         };
-        if !conv_autotune() {
-            return if positions <= IM2COL_MAX_POSITIONS {
-                ConvPath::Im2col
-            } else {
-                ConvPath::Libtorch
-            };
-        }
         let grad = grad_enabled();
         let dims = |t: &Tensor| -> [i64; 4] {
             let s = t.size();
@@ -276,6 +425,7 @@ impl Conv2d {
             weight: dims(&self.ws),
             stride: self.stride,
             padding: self.padding,
+            channels_last: candidate == ConvPath::GemmWeightGrad,
             input_grad: grad && xs.requires_grad(),
             weight_grad: grad && self.ws.requires_grad(),
         };
@@ -284,7 +434,7 @@ impl Conv2d {
         if let Some(choice) = map.get(&key) {
             return choice.chosen;
         }
-        let choice = self.measure(xs, key);
+        let choice = self.measure(xs, key, candidate);
         let chosen = choice.chosen;
         crate::tuning::update(|t| {
             t.conv.retain(|c| c.key() != key);
@@ -294,17 +444,26 @@ impl Conv2d {
         chosen
     }
 
+    /// The convolution by `path`, whatever [`Conv2d::path_for`] would take (a path that does not
+    /// apply to `xs`, such as [`ConvPath::GemmWeightGrad`] for another device, falls back to
+    /// libtorch's): for comparing the paths.
+    pub fn forward_by(&self, path: ConvPath, xs: &Tensor) -> Tensor {
+        self.compute(path, xs, &self.ws)
+    }
+
     /// Whether `forward` on `xs` takes the im2col path (see [`Conv2d::path_for`]).
     pub fn uses_im2col(&self, xs: &Tensor) -> bool {
         self.path_for(xs) == ConvPath::Im2col
     }
 
-    /// Times both paths on `xs`'s shape: a warm-up run each (where one took over 2.5 times the
-    /// other, that decides), then a timed run each, and a second (in the other order) unless one
-    /// took over 1.25 times the other; forward plus (when `key` says gradients are recorded) the
-    /// backward to what needs a gradient. The least time of each counts. Uses `xs` and the
-    /// weight as they are (detached: nothing of theirs changes, no random numbers are drawn).
-    fn measure(&self, xs: &Tensor, key: Key) -> ConvChoice {
+    /// Times libtorch's path and `candidate` on `xs`'s shape: a warm-up run each (where one took
+    /// over 2.5 times the other, that decides), then a timed run each, and a second (in the
+    /// other order) unless one took over 1.25 times the other. For [`ConvPath::Im2col`] a run
+    /// is the forward plus (when `key` says gradients are recorded) the backward to what needs
+    /// a gradient; for [`ConvPath::GemmWeightGrad`] it is the weight gradient alone (of an
+    /// output gradient of ones). The least time of each counts. Uses `xs` and the weight as they
+    /// are (detached: nothing of theirs changes, no random numbers are drawn).
+    fn measure(&self, xs: &Tensor, key: Key, candidate: ConvPath) -> ConvChoice {
         let x = xs.detach().set_requires_grad(key.input_grad);
         let w = self.ws.detach().set_requires_grad(key.weight_grad);
         let mut wrt = Vec::new();
@@ -314,8 +473,29 @@ impl Conv2d {
         if key.weight_grad {
             wrt.push(&w);
         }
+        let dy = (candidate == ConvPath::GemmWeightGrad).then(|| {
+            let (oh, ow) = self.out_size(xs.size()[2], xs.size()[3]);
+            let ones = Tensor::ones(
+                [xs.size()[0], w.size()[0], oh, ow],
+                (Kind::Float, Device::Cpu),
+            );
+            // Channels-last, as the gradient that reaches the layer.
+            ones.permute([0, 2, 3, 1])
+                .contiguous()
+                .permute([0, 3, 1, 2])
+        });
         let run = |path: ConvPath| -> f64 {
             let start = Instant::now();
+            if let Some(dy) = &dy {
+                let gemm = path == ConvPath::GemmWeightGrad;
+                // A failure turns the candidate off; the time then does not matter.
+                if let Err(e) = conv2d_weight_grad(&x, dy, &w, self.stride, self.padding, gemm) {
+                    GEMM_WEIGHT_GRAD
+                        .turn_off_with("the matrix-product weight gradient", &e.to_string());
+                    return if gemm { f64::INFINITY } else { 0.0 };
+                }
+                return start.elapsed().as_secs_f64() * 1e3;
+            }
             let y = self.compute(path, &x, &w);
             if !wrt.is_empty() {
                 let grads = Tensor::run_backward(&[y.sum(Kind::Float)], &wrt, false, false);
@@ -324,36 +504,38 @@ impl Conv2d {
             drop(y);
             start.elapsed().as_secs_f64() * 1e3
         };
-        // best[0]: libtorch, best[1]: im2col.
+        // best[0]: libtorch, best[1]: the candidate.
         let mut best = [f64::INFINITY; 2];
         let time = |best: &mut [f64; 2], order: [ConvPath; 2]| {
             for path in order {
                 let ms = run(path);
-                let i = usize::from(path == ConvPath::Im2col);
+                let i = usize::from(path != ConvPath::Libtorch);
                 best[i] = best[i].min(ms);
             }
         };
-        time(&mut best, [ConvPath::Libtorch, ConvPath::Im2col]); // warm-up
+        time(&mut best, [ConvPath::Libtorch, candidate]); // warm-up
         if best[0].max(best[1]) < LOST_IN_WARM_UP * best[0].min(best[1]) {
             best = [f64::INFINITY; 2];
-            time(&mut best, [ConvPath::Libtorch, ConvPath::Im2col]);
+            time(&mut best, [ConvPath::Libtorch, candidate]);
             // A clear loser (by more than MEASURE_AGAIN_BELOW) needs no second sample.
             if best[0].max(best[1]) < MEASURE_AGAIN_BELOW * best[0].min(best[1]) {
-                time(&mut best, [ConvPath::Im2col, ConvPath::Libtorch]);
+                time(&mut best, [candidate, ConvPath::Libtorch]);
             }
         }
-        let [lib, col] = best;
+        let [lib, other] = best;
         ConvChoice {
             input: key.input,
             weight: key.weight,
             stride: key.stride,
             padding: key.padding,
+            channels_last: key.channels_last,
             input_grad: key.input_grad,
             weight_grad: key.weight_grad,
             libtorch_ms: lib,
-            im2col_ms: col,
-            chosen: if col < lib {
-                ConvPath::Im2col
+            candidate,
+            candidate_ms: other,
+            chosen: if other < lib {
+                candidate
             } else {
                 ConvPath::Libtorch
             },
@@ -362,16 +544,28 @@ impl Conv2d {
     }
 
     fn compute(&self, path: ConvPath, xs: &Tensor, ws: &Tensor) -> Tensor {
-        match path {
-            ConvPath::Im2col => self.im2col_forward(xs, ws),
-            ConvPath::Libtorch => xs.conv2d(
+        let libtorch = || {
+            xs.conv2d(
                 ws,
                 None::<&Tensor>,
                 [self.stride; 2],
                 [self.padding; 2],
                 [1, 1],
                 1,
-            ),
+            )
+        };
+        match path {
+            ConvPath::Im2col => self.im2col_forward(xs, ws),
+            ConvPath::GemmWeightGrad
+                if GEMM_WEIGHT_GRAD.get() && is_cpu_f32_batch(xs) && ws.kind() == Kind::Float =>
+            {
+                conv2d_gemm_wgrad(xs, ws, self.stride, self.padding).unwrap_or_else(|e| {
+                    GEMM_WEIGHT_GRAD
+                        .turn_off_with("the matrix-product weight gradient", &e.to_string());
+                    libtorch()
+                })
+            }
+            ConvPath::GemmWeightGrad | ConvPath::Libtorch => libtorch(),
         }
     }
 
