@@ -15,14 +15,8 @@ use d2l::model::{
 use d2l::tch::nn::{Module, VarStore};
 use d2l::tch::{Device, Kind, Tensor};
 
-const U32: f64 = (f32::EPSILON / 2.0) as f64;
-const U64: f64 = f64::EPSILON / 2.0;
-
-fn gamma(k: i64, u: f64) -> f64 {
-    let ku = k as f64 * u;
-    assert!(ku < 0.5);
-    ku / (1.0 - ku)
-}
+mod numerics;
+use numerics::bound_used;
 
 /// Output, input gradient and weight gradient for a fixed upstream gradient.
 fn run(c: &Conv2d, x: &Tensor, g: &Tensor) -> (Tensor, Tensor, Tensor) {
@@ -41,18 +35,6 @@ fn in_f64(c: &Conv2d) -> Conv2d {
         stride: c.stride,
         padding: c.padding,
     }
-}
-
-/// How much of its error bound `got` uses against `exact` (float64), element by element: the
-/// largest `|got - exact| / ((gamma_K(u32) + gamma_K(u64)) * sum_abs)` (the float64 reference has
-/// its own, far smaller, rounding). At most 1 for a correct float32 sum of `k` products.
-fn bound_used(got: &Tensor, exact: &Tensor, sum_abs: &Tensor, k: i64) -> f64 {
-    let bound = sum_abs * (gamma(k, U32) + gamma(k, U64));
-    let err = (got.to_kind(Kind::Double) - exact).abs();
-    // Where the bound is 0 every product is 0, and so must the result be.
-    (err / bound.clamp_min(f64::MIN_POSITIVE))
-        .max()
-        .double_value(&[])
 }
 
 #[test]

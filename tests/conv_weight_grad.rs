@@ -14,27 +14,11 @@ use d2l::tch::nn::VarStore;
 use d2l::tch::{Device, Kind, Tensor};
 use d2l::train::to_channels_last;
 
-const U32: f64 = (f32::EPSILON / 2.0) as f64;
-const U64: f64 = f64::EPSILON / 2.0;
-
-fn gamma(k: i64, u: f64) -> f64 {
-    let ku = k as f64 * u;
-    assert!(ku < 0.5);
-    ku / (1.0 - ku)
-}
+mod numerics;
+use numerics::bound_used;
 
 fn cl(t: &Tensor) -> Tensor {
     to_channels_last(t).unwrap()
-}
-
-/// How much of the float32 error bound of a sum of `k` products `got` uses against the float64
-/// `exact` (with `sum_abs` the sums of the products' absolute values): at most 1 when correct.
-fn bound_used(got: &Tensor, exact: &Tensor, sum_abs: &Tensor, k: i64) -> f64 {
-    let bound = sum_abs * (gamma(k, U32) + gamma(k, U64));
-    let err = (got.to_kind(Kind::Double) - exact).abs();
-    (err / bound.clamp_min(f64::MIN_POSITIVE))
-        .max()
-        .double_value(&[])
 }
 
 /// Output, input gradient and weight gradient by `path` for the upstream gradient `g`.

@@ -2,6 +2,16 @@
 use std::os::raw::c_char;
 use std::sync::atomic::{AtomicU8, Ordering};
 
+/// The NUL-terminated message a C++ kernel wrote into `err` (text past the buffer is ignored).
+pub(crate) fn c_message(err: &[c_char]) -> String {
+    let bytes: Vec<u8> = err
+        .iter()
+        .map(|&c| c as u8)
+        .take_while(|&b| b != 0)
+        .collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
 /// On unless the variable is `0` at the first reading; [`EnvSwitch::set`] overrides it.
 pub(crate) struct EnvSwitch {
     /// 0: not yet read, 1: on, 2: off.
@@ -24,12 +34,7 @@ impl EnvSwitch {
     /// A kernel behind this switch failed with the NUL-terminated message in `err` (text past
     /// the buffer is ignored): off from now on, and said on stderr once, when it turns off.
     pub(crate) fn turn_off(&self, what: &str, err: &[c_char]) {
-        let bytes: Vec<u8> = err
-            .iter()
-            .map(|&c| c as u8)
-            .take_while(|&b| b != 0)
-            .collect();
-        self.turn_off_with(what, &String::from_utf8_lossy(&bytes));
+        self.turn_off_with(what, &c_message(err));
     }
 
     /// As [`EnvSwitch::turn_off`], with the message as text.

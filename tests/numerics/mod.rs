@@ -42,6 +42,28 @@ pub const FLOOR: f64 = 32.0 * U32;
 /// digits. Past it the computation amplifies rounding so much that any float32 result is noise.
 pub const MEANINGFUL: f64 = 1e-3;
 
+/// `gamma_K = K u / (1 - K u)`: a float sum of `K` products with unit roundoff `u` is within
+/// `gamma_K * sum |x_i w_i|` of the exact sum, whatever its order (Higham, *Accuracy and
+/// Stability of Numerical Algorithms*, 2nd ed., §3.1).
+pub fn gamma(k: i64, u: f64) -> f64 {
+    let ku = k as f64 * u;
+    assert!(ku < 0.5);
+    ku / (1.0 - ku)
+}
+
+/// How much of its error bound `got` uses against `exact` (float64), element by element: the
+/// largest `|got - exact| / ((gamma_K(u32) + gamma_K(u64)) * sum_abs)` (the float64 reference has
+/// its own, far smaller, rounding), with `sum_abs` the sums of the products' absolute values. At
+/// most 1 for a correct float32 sum of `k` products.
+pub fn bound_used(got: &Tensor, exact: &Tensor, sum_abs: &Tensor, k: i64) -> f64 {
+    let bound = sum_abs * (gamma(k, U32) + gamma(k, U64));
+    let err = (got.to_kind(Kind::Double) - exact).abs();
+    // Where the bound is 0 every product is 0, and so must the result be.
+    (err / bound.clamp_min(f64::MIN_POSITIVE))
+        .max()
+        .double_value(&[])
+}
+
 /// The Frobenius norm of all the tensors together, summed in float64.
 pub fn norm(ts: &[Tensor]) -> f64 {
     ts.iter()

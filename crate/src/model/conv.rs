@@ -82,14 +82,9 @@ fn from_cpp(
         // SAFETY: a tensor the function allocated for us; `Tensor` frees it.
         return Ok(unsafe { Tensor::from_ptr(out) });
     }
-    let bytes: Vec<u8> = err
-        .iter()
-        .map(|&c| c as u8)
-        .take_while(|&b| b != 0)
-        .collect();
     Err(crate::Error::InvalidArgument {
         function: what,
-        msg: String::from_utf8_lossy(&bytes).into_owned(),
+        msg: crate::switch::c_message(&err),
     })
 }
 
