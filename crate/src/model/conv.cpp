@@ -1,8 +1,8 @@
 // A convolution's weight gradient on the CPU as matrix products, for channels-last float
 // batches, and the convolution that uses it (libtorch's forward and input gradient).
 //
-// dW[o, i, kh, kw] = sum over (n, oy, ox) of dy[n, o, oy, ox] * x[n, i, oy*s + kh - p, ox*s + kw - p]
-// is one matrix product, dy^T [c_out, rows] x cols [rows, k*k*c_in], where a row of cols holds
+// dW[o, i, kh, kw] = sum over (n, oy, ox) of dy[n, o, oy, ox] * x[n, i, oy*s+kh-p, ox*s+kw-p] is
+// one matrix product, dy^T [c_out, rows] x cols [rows, k*k*c_in], where a row of cols holds
 // the k*k*c_in input values under one output position (im2col). In channels-last memory a row of
 // cols is k runs of k*c_in contiguous floats (one per kernel row), and dy is already the
 // [rows, c_out] matrix. The rows are taken in chunks of about kChunkBytes of cols (filled on

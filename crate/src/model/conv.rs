@@ -27,14 +27,18 @@
 //! Channels-last batches have another candidate, for training: libtorch's forward and input
 //! gradient with the weight gradient as im2col matrix products (`conv.cpp`, on bounded chunks of
 //! the im2col rows). oneDNN's channels-last weight gradient is a direct kernel that ran at about
-//! half its forward's speed on an AVX2 AMD EPYC (Zen 3) at 224 px (ResNet-18's 3x3 layers, batch
-//! 32: 1.9 s of a 3.7 s step went to weight gradients, 0.9 s to forwards), where the matrix
-//! products ran 1.2-1.6x faster than it on the 3x3 layers and lost on the 7x7 one. As only the
-//! weight gradient differs, that is what is timed (libtorch's `convolution_backward` for the
-//! weight alone against the matrix products), on the first use of each shape, as above; with
-//! autotuning off libtorch's is used. `D2L_CONV_GEMM_WEIGHT_GRAD=0` or
-//! [`set_cpu_gemm_weight_grad`]`(false)` turns this candidate off. Other devices and kinds
-//! always keep libtorch's convolution.
+//! half its forward's speed on an AVX2 AMD EPYC (Zen 3) at 224 px (ResNet-18, batch 32, in
+//! `ONEDNN_VERBOSE`'s times: 1.9 s of a 3.7 s step in weight gradients, 0.9 s in forwards),
+//! where the matrix products ran 1.2-1.6x faster than it on the 3x3 layers and lost on the 7x7
+//! one. As only the weight gradient differs, that is what is timed (libtorch's
+//! `convolution_backward` for the weight alone against the matrix products), on the first use of
+//! each shape, as above; with autotuning off libtorch's is used. NCHW batches do not get this
+//! candidate: there oneDNN's weight gradient (on its blocked layout) ran 58 ms on the 64-channel
+//! layer at 56x56 where channels-last's took 126, the matrix products (after making the input
+//! channels-last) won only layer3 and layer4, and an NCHW step was 1.03x faster with them, less
+//! than the timing of the extra shapes costs a first run. `D2L_CONV_GEMM_WEIGHT_GRAD=0` or
+//! [`set_cpu_gemm_weight_grad`]`(false)` turns the candidate off. Other devices and kinds always
+//! keep libtorch's convolution.
 use std::collections::HashMap;
 use std::os::raw::{c_char, c_int};
 use std::sync::atomic::{AtomicBool, Ordering};
