@@ -329,18 +329,6 @@ fn is_cpu_f32_batch(xs: &Tensor) -> bool {
     xs.dim() == 4 && xs.device() == Device::Cpu && xs.kind() == Kind::Float
 }
 
-/// Whether the 4-D `xs` is channels-last and dense: strides `[h*w*c, 1, w*c, c]` (sizes of 1
-/// aside, whose strides do not matter).
-pub(crate) fn is_channels_last(xs: &Tensor) -> bool {
-    let (size, stride) = (xs.size(), xs.stride());
-    if size.len() != 4 {
-        return false;
-    }
-    let (c, h, w) = (size[1], size[2], size[3]);
-    let want = [h * w * c, 1, w * c, c];
-    (0..4).all(|i| size[i] == 1 || stride[i] == want[i])
-}
-
 /// A square convolution without bias, weight `[c_out, c_in, k, k]`, initialised like
 /// torchvision's ResNet: `kaiming_normal_(mode="fan_out", nonlinearity="relu")`.
 #[derive(Debug)]
@@ -388,7 +376,7 @@ impl Conv2d {
     /// weight's gradient recorded, a float weight, [`cpu_gemm_weight_grad`] on.
     fn gemm_weight_grad_applies(&self, xs: &Tensor) -> bool {
         is_cpu_f32_batch(xs)
-            && is_channels_last(xs)
+            && super::layout(xs) == Some(true)
             && self.ws.kind() == Kind::Float
             && self.ws.requires_grad()
             && grad_enabled()

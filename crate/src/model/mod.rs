@@ -41,6 +41,23 @@ pub use weights::{
 
 use crate::error::{Error, Result};
 
+/// The layout of a 4-d tensor as this crate's CPU kernels read it: `Some(false)` contiguous
+/// NCHW, `Some(true)` channels-last (NHWC strides; dimensions of size 1 may have any stride),
+/// `None` otherwise. A tensor that is both (one value a plane) counts as NCHW, as in `norm.cpp`.
+pub(crate) fn layout(t: &Tensor) -> Option<bool> {
+    if t.is_contiguous() {
+        return Some(false);
+    }
+    let (size, stride) = (t.size(), t.stride());
+    let [_, c, h, w] = size[..] else {
+        return None;
+    };
+    let nhwc = [h * w * c, 1, w * c, c];
+    (0..4)
+        .all(|i| size[i] == 1 || stride[i] == nhwc[i])
+        .then_some(true)
+}
+
 /// An error from libtorch writing `path`: a full disk is [`Error::DiskFull`], other I/O errors
 /// [`Error::Io`], the rest [`Error::Weights`].
 pub(crate) fn torch_write_error(path: &Path, e: tch::TchError) -> Error {

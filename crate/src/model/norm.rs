@@ -23,6 +23,7 @@ use tch::nn::BatchNorm;
 use tch::{Device, Kind, Tensor};
 use torch_sys::C_tensor;
 
+use super::layout;
 use crate::switch::EnvSwitch;
 
 static FAST: EnvSwitch = EnvSwitch::new("D2L_FAST_BATCH_NORM");
@@ -65,23 +66,6 @@ pub fn cpu_fast_batch_norm() -> bool {
 /// A 1-d float CPU tensor of `c` values, contiguous.
 fn is_channel_vector(t: &Tensor, c: i64) -> bool {
     t.size() == [c] && t.device() == Device::Cpu && t.kind() == Kind::Float && t.is_contiguous()
-}
-
-/// The layout of a 4-d tensor as the kernel reads it: `Some(false)` contiguous NCHW,
-/// `Some(true)` channels-last (NHWC strides; dimensions of size 1 may have any stride), `None`
-/// otherwise. A tensor that is both (one value a plane) counts as NCHW, as in `norm.cpp`.
-fn layout(t: &Tensor) -> Option<bool> {
-    if t.is_contiguous() {
-        return Some(false);
-    }
-    let (size, stride) = (t.size(), t.stride());
-    let [_, c, h, w] = size[..] else {
-        return None;
-    };
-    let nhwc = [h * w * c, 1, w * c, c];
-    (0..4)
-        .all(|i| size[i] == 1 || stride[i] == nhwc[i])
-        .then_some(true)
 }
 
 /// Whether [`batch_norm_act`] with these arguments takes the fused kernel (else libtorch's ops).
