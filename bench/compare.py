@@ -345,7 +345,8 @@ def cpu_model():
 
 def kernel_env():
     """The variables that change the kernels libtorch picks, as set for this run."""
-    return {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS") if k in os.environ}
+    return {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR")
+            if k in os.environ}
 
 
 def gpu_name():

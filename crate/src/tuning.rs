@@ -10,7 +10,7 @@
 //! file a machine and setting, named by a hash of everything the times depend on (the CPU's model
 //! name and flags as Linux reports them, the kernel variables libtorch reads,
 //! `ATEN_CPU_CAPABILITY`, `ONEDNN_MAX_CPU_ISA`, `DNNL_MAX_CPU_ISA` and MKL's
-//! `MKL_ENABLE_INSTRUCTIONS`, libtorch's version and thread count, and this crate's version and
+//! `MKL_ENABLE_INSTRUCTIONS` and `MKL_CBWR`, libtorch's version and thread count, and this crate's version and
 //! kernel [`GENERATION`]), so that another CPU,
 //! kernel set or thread count times afresh. The file lives in `D2L_TUNING_DIR`, else `tuning/`
 //! under [`d2l_home`]; it is read once a process, on first use, and each new measurement is
@@ -49,12 +49,15 @@ pub fn tuning_cache() -> bool {
 }
 
 /// The kernel variables libtorch reads when it picks its CPU kernels.
-const KERNEL_VARS: [&str; 4] = [
+const KERNEL_VARS: [&str; 5] = [
     "ATEN_CPU_CAPABILITY",
     "ONEDNN_MAX_CPU_ISA",
     "DNNL_MAX_CPU_ISA",
-    // MKL's matrix products (the im2col path's) pick their instruction set from this.
+    // MKL's matrix products (the im2col path's and the weight gradient's) pick their
+    // instruction set from these: the first on Intel CPUs only, the second (`COMPATIBLE`: SSE2)
+    // on any.
     "MKL_ENABLE_INSTRUCTIONS",
+    "MKL_CBWR",
 ];
 
 /// Everything the measured times depend on besides the shapes: the cache file's key.
