@@ -7,12 +7,11 @@ ATEN_CPU_CAPABILITY (default, avx2, avx512), oneDNN's convolutions by ONEDNN_MAX
 MKL_ENABLE_INSTRUCTIONS (SSE4_2, AVX2, AVX512) on Intel CPUs; MKL ignores that variable on others
 (on an AMD EPYC, Zen 3, a 2048x2048 product ran 139 GFLOPS with it at SSE4_2 and 129 without),
 where only MKL_CBWR=COMPATIBLE (its SSE2 code, 44 GFLOPS there) caps it. The variables cap the
-choice, so one machine can
-run the tests the way an older or a different CPU would, with other summation orders; the rows
-that stand for a whole CPU (an AVX2 one, an old one) cap all three. This runs `cargo test --workspace`
-once with nothing set and once under each setting (leaving out the binaries in KERNEL_FREE,
-which test archives, downloads and processes, not numbers) (avx512 only where the CPU has it; both at
-their lowest, as on an old CPU), and prints a table: setting, what libtorch says it picked, tests
+choice, so one machine can run the tests the way an older or a different CPU would, with other
+summation orders; the rows that stand for a whole CPU (an AVX2 one, an old one) cap all three.
+This runs `cargo test --workspace` once with nothing set and once under each setting (leaving
+out the binaries in KERNEL_FREE, which test archives, downloads and processes, not numbers)
+(avx512 only where the CPU has it; all at their lowest, as on an old CPU), and prints a table: setting, what libtorch says it picked, tests
 passed and failed, the failures, the time. scripts/test runs it.
 
     python3 scripts/test_kernels.py                   # every Rust test, every setting
