@@ -11,8 +11,9 @@ choice, so one machine can run the tests the way an older or a different CPU wou
 summation orders; the rows that stand for a whole CPU (an AVX2 one, an old one) cap all three.
 This runs `cargo test --workspace` once with nothing set and once under each setting (leaving
 out the binaries in KERNEL_FREE, which test archives, downloads and processes, not numbers)
-(avx512 only where the CPU has it; all at their lowest, as on an old CPU), and prints a table: setting, what libtorch says it picked, tests
-passed and failed, the failures, the time. scripts/test runs it.
+(avx512 only where the CPU has it; all at their lowest, as on an old CPU), and prints a table:
+setting, what libtorch says it picked, tests passed and failed, the failures, the time.
+scripts/test runs it.
 
     python3 scripts/test_kernels.py                   # every Rust test, every setting
     python3 scripts/test_kernels.py --test channels_last --test resnet_parity

@@ -12,9 +12,9 @@
 //! `ATEN_CPU_CAPABILITY`, `ONEDNN_MAX_CPU_ISA`, `DNNL_MAX_CPU_ISA` and MKL's
 //! `MKL_ENABLE_INSTRUCTIONS` and `MKL_CBWR`, libtorch's version and thread count, and this
 //! crate's version and kernel [`GENERATION`]), so that another CPU, kernel set or thread count
-//! times afresh. The file lives in `D2L_TUNING_DIR`, else `tuning/`
-//! under [`d2l_home`]; it is read once a process, on first use, and each new measurement is
-//! merged into it and written atomically (a reader sees the old file or the new one).
+//! times afresh. The file lives in `D2L_TUNING_DIR`, else `tuning/` under [`d2l_home`]; it is
+//! read once a process, on first use, and each new measurement is merged into it and written
+//! atomically (a reader sees the old file or the new one).
 //!
 //! A file that cannot be read is reported once on stderr and timed anew (the next measurement
 //! replaces it); a cache folder that cannot be written is reported once and the process goes on
