@@ -60,6 +60,7 @@ fn build_kernels(lib: &Path) {
         "src/model/conv.cpp",
         "src/model/norm.cpp",
         "src/model/pool.cpp",
+        "src/model/winograd.cpp",
         "src/train/sgd.cpp",
     ];
     println!("cargo:rerun-if-changed=src/guard.h");

@@ -9,8 +9,8 @@
 //! of Numerical Algorithms*, 2nd ed., §3.1): `|fl(s) - s| <= gamma_K * sum |x_i w_i|`, with
 //! `gamma_K = K u / (1 - K u)` for `K` products and `u = 2^-24`.
 use d2l::model::{
-    clear_conv_choices, conv2d, conv_choices, set_conv_autotune, set_cpu_im2col, Conv2d, ConvPath,
-    IM2COL_MAX_BYTES,
+    clear_conv_choices, conv2d, conv_choices, set_conv_autotune, set_cpu_im2col, set_cpu_winograd,
+    Conv2d, ConvPath, IM2COL_MAX_BYTES,
 };
 use d2l::tch::nn::{Module, VarStore};
 use d2l::tch::{Device, Kind, Tensor};
@@ -40,6 +40,8 @@ fn in_f64(c: &Conv2d) -> Conv2d {
 #[test]
 fn im2col_path_matches_libtorch_convolution_where_it_is_taken() {
     d2l::tch::manual_seed(0);
+    // Winograd's candidate has its own test (tests/conv_winograd.rs).
+    set_cpu_winograd(false);
     // The fixed rule first (im2col for at most 4 output positions).
     set_conv_autotune(false);
     // (c_in, c_out, input side, kernel, stride, padding, im2col expected): ResNet-18's layers

@@ -8,7 +8,7 @@
 //! process-wide switches, and tests in one binary run in parallel.
 use d2l::model::{
     clear_conv_choices, conv2d, conv2d_weight_grad, conv_choices, set_conv_autotune,
-    set_cpu_gemm_weight_grad, set_cpu_im2col, Conv2d, ConvPath,
+    set_cpu_gemm_weight_grad, set_cpu_im2col, set_cpu_winograd, Conv2d, ConvPath,
 };
 use d2l::tch::nn::VarStore;
 use d2l::tch::{Device, Kind, Tensor};
@@ -34,6 +34,8 @@ fn run(c: &Conv2d, path: ConvPath, x: &Tensor, g: &Tensor) -> (Tensor, Tensor, T
 #[test]
 fn gemm_weight_gradient_is_correct_and_taken_where_timed_faster() {
     d2l::tch::manual_seed(0);
+    // Winograd's candidate has its own test (tests/conv_winograd.rs).
+    set_cpu_winograd(false);
     // (batch, c_in, c_out, h, w, kernel, stride, padding)
     let cases = [
         (4, 16, 16, 12, 12, 3, 1, 1),

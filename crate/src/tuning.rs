@@ -80,8 +80,9 @@ pub struct Machine {
 /// cache files are not read (2: the CPU max pooling kernel, which changed NCHW's step against
 /// channels-last's, and the one-pass SGD step; 3: the fused BatchNorm kernel, NCHW's again; 4:
 /// the BatchNorm kernel for channels-last batches; 5: the matrix-product weight gradient for
-/// channels-last convolutions, a new candidate in the convolution choices).
-pub const GENERATION: u32 = 5;
+/// channels-last convolutions, a new candidate in the convolution choices; 6: Winograd's 3x3
+/// convolution, another).
+pub const GENERATION: u32 = 6;
 
 impl Machine {
     /// This process's machine and setting, now (the thread count may change).

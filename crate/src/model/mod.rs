@@ -21,9 +21,10 @@ pub use checkpoint::{
     Prediction,
 };
 pub use conv::{
-    clear_conv_choices, conv2d, conv2d_weight_grad, conv_autotune, conv_choices,
-    cpu_gemm_weight_grad, cpu_im2col, set_conv_autotune, set_cpu_gemm_weight_grad, set_cpu_im2col,
-    Conv2d, ConvChoice, ConvPath, IM2COL_MAX_BYTES,
+    clear_conv_choices, conv2d, conv2d_weight_grad, conv2d_winograd, conv_autotune, conv_choices,
+    cpu_gemm_weight_grad, cpu_im2col, cpu_winograd, set_conv_autotune, set_cpu_gemm_weight_grad,
+    set_cpu_im2col, set_cpu_winograd, winograd_tile, Conv2d, ConvChoice, ConvPath,
+    IM2COL_MAX_BYTES,
 };
 pub use export::export_torchscript;
 pub use norm::{
