@@ -328,7 +328,8 @@ at::Tensor winograd_forward(const at::Tensor& x_in, const at::Tensor& w) {
   input_transform<F>(x.const_data_ptr<float>(), c, g, v.data_ptr<float>());
   const at::Tensor prod = at::bmm(v, weight_transform<F>(w));  // [T*T, tiles, k]
   v.reset();
-  at::Tensor y = at::empty({g.n, k, g.h, g.w}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor y = at::empty({g.n, k, g.h, g.w},
+                           x.options().memory_format(at::MemoryFormat::ChannelsLast));
   output_transform<F>(prod.const_data_ptr<float>(), k, g, y.data_ptr<float>());
   return y;
 }
