@@ -40,21 +40,20 @@
 //! [`set_cpu_gemm_weight_grad`]`(false)` turns the candidate off.
 //!
 //! 3x3 layers at stride 1, padding 1 (most of ResNet-18's work) have one more candidate in either
-//! layout, training or evaluation: Winograd's minimal filtering F(m x m, 3 x 3) (`winograd.cpp`; m
-//! = 4 on ResNet's layers but the 2x2 ones, [`winograd_tile`]), which does the sums over input
+//! layout, training or evaluation: Winograd's minimal filtering F(m x m, 3 x 3) (`winograd.cpp`;
+//! m=4 on ResNet's layers but the 2x2 ones, [`winograd_tile`]), which does the sums over input
 //! channels as (m+2)^2 matrix products over tiles, 4x fewer multiplications than direct convolution
-//! for m = 4, plus transforms that cost memory traffic. It is timed beside the layout's other
+//! for m=4, plus transforms that cost memory traffic. It is timed beside the layout's other
 //! candidate, every path on its forward and backward, and kept where it is faster: on an AVX2 AMD
 //! EPYC (Zen 3) at 224 px, batch 32, channels-last, forward and backward of the four 3x3 layer
 //! shapes took 95, 66, 65 and 76 ms against the best other path's 141, 130, 131 and 121
-//! (examples/bench_conv.rs). The
-//! timing costs a first run: there a 2-epoch 224 px run that timed its 26 shapes and both layouts
-//! took 57 s against 46 s for one that read the tuning cache, about 6 s more than that difference
-//! was without Winograd. Its results are other float32 arithmetic: within Winograd's own error
-//! bound, which is wider than a direct sum's (tests/conv_winograd.rs), about 7e-6 of a layer's
-//! largest output against 1e-6 for oneDNN's at m = 4, as accurate as the direct sum at m = 2.
-//! `D2L_CONV_WINOGRAD=0` or [`set_cpu_winograd`]`(false)` turns it off (PyTorch's arithmetic).
-//! Other devices and kinds always keep libtorch's convolution.
+//! (examples/bench_conv.rs). The timing costs a first run: there a 2-epoch 224 px run that timed
+//! its 26 shapes and both layouts took 57 s against 46 s for one that read the tuning cache, about
+//! 6 s more than that difference was without Winograd. Its results are other float32 arithmetic:
+//! within Winograd's own error bound, which is wider than a direct sum's (tests/conv_winograd.rs),
+//! about 7e-6 of a layer's largest output against 1e-6 for oneDNN's at m=4, as accurate as the
+//! direct sum at m=2. `D2L_CONV_WINOGRAD=0` or [`set_cpu_winograd`]`(false)` turns it off
+//! (PyTorch's arithmetic). Other devices and kinds always keep libtorch's convolution.
 use std::collections::HashMap;
 use std::os::raw::{c_char, c_int};
 use std::sync::atomic::{AtomicBool, Ordering};
